@@ -1,0 +1,365 @@
+//! Types shared by the aqd XDP program and userspace: map names, map keys and values, event records, and the
+//! numeric codes (actions, reasons) both sides agree on.
+//!
+//! Invariants:
+//! - every type that crosses the kernel boundary is `#[repr(C)]` with **no implicit padding** (explicit `_pad`
+//!   fields, checked by the size assertions at the bottom), so the kernel and userspace see the same bytes;
+//! - this is the only definition of each layout; changing one means bumping [`LAYOUT_VERSION`], which moves the
+//!   bpffs pin directory so an old daemon's maps are never reused with a new layout.
+#![no_std]
+
+pub mod addr;
+pub mod event;
+
+pub use addr::AddrKey;
+pub use event::{ConnEvent, DropEvent, EventHeader, EventKind, FlowTuple};
+
+/// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps, exactly as the XDP program declares them and as they are pinned in bpffs.
+/// The kernel limits object names to 15 bytes.
+pub mod map_names {
+    pub const ALLOW_EXACT: &str = "ALLOW_EXACT";
+    pub const ALLOW_PREFIX: &str = "ALLOW_PREFIX";
+    pub const DENY_EXACT: &str = "DENY_EXACT";
+    pub const DENY_PREFIX: &str = "DENY_PREFIX";
+    pub const DECISION_EXACT: &str = "DECISION_EXACT";
+    pub const DECISION_PREFIX: &str = "DECISION_PREFIX";
+    pub const BUCKETS: &str = "BUCKETS";
+    pub const RATE_CLASSES: &str = "RATE_CLASSES";
+    pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+
+    /// Every map, for pinning, layout checks and status output.
+    pub const ALL: [&str; 12] = [
+        ALLOW_EXACT,
+        ALLOW_PREFIX,
+        DENY_EXACT,
+        DENY_PREFIX,
+        DECISION_EXACT,
+        DECISION_PREFIX,
+        BUCKETS,
+        RATE_CLASSES,
+        PROTECTED_PORTS,
+        CONFIG,
+        COUNTERS,
+        EVENTS,
+    ];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "aqd_xdp";
+/// Name of the read-only global that, when set to 1 at load time, makes the program read "now" from
+/// [`Config::test_now_ns`] instead of the monotonic clock. Only tests set it; the verifier prunes the test path
+/// from production loads.
+pub const TEST_CLOCK_GLOBAL: &str = "AQD_TEST_CLOCK";
+
+/// Capacities. Userspace reports fill levels against these.
+pub mod capacity {
+    pub const ALLOW_EXACT: u32 = 131_072;
+    pub const ALLOW_PREFIX: u32 = 65_536;
+    pub const DENY_EXACT: u32 = 262_144;
+    pub const DENY_PREFIX: u32 = 131_072;
+    pub const DECISION_EXACT: u32 = 262_144;
+    pub const DECISION_PREFIX: u32 = 65_536;
+    /// LRU: the least recently seen sources' buckets are evicted first (they restart full).
+    pub const BUCKETS: u32 = 524_288;
+    pub const RATE_CLASSES: u32 = 16;
+    pub const PROTECTED_PORTS: u32 = 65_536;
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Prefix lengths of the "prefix" decision scope: a /24 for IPv4, a /64 for IPv6.
+pub const PREFIX_SCOPE_V4: u8 = 24;
+pub const PREFIX_SCOPE_V6: u8 = 64;
+
+/// What a decision does to its source.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    /// Watched and counted; traffic passes.
+    Monitor = 1,
+    /// Traffic to protected ports is limited by the decision's rate class.
+    Throttle = 2,
+    /// Everything from the source is dropped.
+    Block = 3,
+}
+
+impl Action {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Monitor),
+            2 => Some(Self::Throttle),
+            3 => Some(Self::Block),
+            _ => None,
+        }
+    }
+}
+
+/// Who made a decision. Stored in the kernel value so `aqd list` can say it even when the daemon is down.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Cli = 1,
+    Import = 2,
+    Model = 3,
+    Config = 4,
+    Fleet = 5,
+}
+
+impl Origin {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Cli),
+            2 => Some(Self::Import),
+            3 => Some(Self::Model),
+            4 => Some(Self::Config),
+            5 => Some(Self::Fleet),
+            _ => None,
+        }
+    }
+}
+
+/// The verdict the program returns, as the XDP action codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Pass,
+}
+
+impl Verdict {
+    /// The `xdp_action` value.
+    pub const fn xdp_action(self) -> u32 {
+        match self {
+            Self::Drop => 1,
+            Self::Pass => 2,
+        }
+    }
+}
+
+/// Why the program gave its verdict. Every packet is counted under exactly one reason, so the per-reason
+/// counters add up to the packets seen; the verdict is a function of the reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, …): left to the kernel.
+    PassNotIp = 0,
+    /// A truncated or invalid IP header: left to the kernel stack, which drops it properly.
+    PassMalformed = 1,
+    /// Source in the allowlist (exact address).
+    PassAllowExact = 2,
+    /// Source in the allowlist (prefix).
+    PassAllowPrefix = 3,
+    /// No rule matched and no limit was exceeded.
+    PassDefault = 4,
+    /// A monitor decision matched: counted, not acted on.
+    PassMonitor = 5,
+    /// A throttle decision matched and the traffic was within its rate class.
+    PassThrottled = 6,
+    /// Source in the denylist (exact address).
+    DropDenyExact = 7,
+    /// Source in the denylist (prefix).
+    DropDenyPrefix = 8,
+    /// A block decision on the exact source address.
+    DropBlockExact = 9,
+    /// A block decision on the source's /24 or /64.
+    DropBlockPrefix = 10,
+    /// Over the packets-per-second limit of the source's rate class.
+    DropRatePackets = 11,
+    /// Over the new-connections-per-second limit of the source's rate class.
+    DropRateConnections = 12,
+}
+
+/// Number of [`Reason`] values; the size of the per-reason counter array.
+pub const REASON_COUNT: usize = 13;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT] = [
+        Self::PassNotIp,
+        Self::PassMalformed,
+        Self::PassAllowExact,
+        Self::PassAllowPrefix,
+        Self::PassDefault,
+        Self::PassMonitor,
+        Self::PassThrottled,
+        Self::DropDenyExact,
+        Self::DropDenyPrefix,
+        Self::DropBlockExact,
+        Self::DropBlockPrefix,
+        Self::DropRatePackets,
+        Self::DropRateConnections,
+    ];
+
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Self::PassNotIp
+            | Self::PassMalformed
+            | Self::PassAllowExact
+            | Self::PassAllowPrefix
+            | Self::PassDefault
+            | Self::PassMonitor
+            | Self::PassThrottled => Verdict::Pass,
+            Self::DropDenyExact
+            | Self::DropDenyPrefix
+            | Self::DropBlockExact
+            | Self::DropBlockPrefix
+            | Self::DropRatePackets
+            | Self::DropRateConnections => Verdict::Drop,
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        if (v as usize) < REASON_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Stable snake_case name for metrics, logs and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassNotIp => "pass_not_ip",
+            Self::PassMalformed => "pass_malformed",
+            Self::PassAllowExact => "pass_allow_exact",
+            Self::PassAllowPrefix => "pass_allow_prefix",
+            Self::PassDefault => "pass_default",
+            Self::PassMonitor => "pass_monitor",
+            Self::PassThrottled => "pass_throttled",
+            Self::DropDenyExact => "drop_deny_exact",
+            Self::DropDenyPrefix => "drop_deny_prefix",
+            Self::DropBlockExact => "drop_block_exact",
+            Self::DropBlockPrefix => "drop_block_prefix",
+            Self::DropRatePackets => "drop_rate_packets",
+            Self::DropRateConnections => "drop_rate_connections",
+        }
+    }
+}
+
+/// Value of the allowlist and denylist maps (exact and prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Monotonic-clock expiry in ns; 0 = never. An expired entry is ignored by the kernel.
+    pub expires_ns: u64,
+    /// Packets that matched this entry. Written by the kernel without atomics: approximate under contention.
+    pub hits: u64,
+}
+
+/// Value of the decision maps (exact source and /24 or /64 prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Monotonic-clock expiry in ns; 0 = never. An expired decision is ignored by the kernel.
+    pub expires_ns: u64,
+    /// Packets that matched this decision (approximate under contention, like [`ListEntry::hits`]).
+    pub hits: u64,
+    /// An [`Action`] value.
+    pub action: u8,
+    /// Index into `RATE_CLASSES` used while throttled.
+    pub rate_class: u8,
+    /// Free-form reason code chosen by whoever made the decision (0 = none given).
+    pub reason: u16,
+    /// An [`Origin`] value.
+    pub origin: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Limits of one rate class, in the form the kernel's GCRA check needs (no division in the kernel).
+/// An interval of 0 means "unlimited".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateClass {
+    /// ns between packets at the sustained rate (1e9 / packets-per-second).
+    pub packet_interval_ns: u64,
+    /// Burst tolerance in ns: `(burst - 1) * packet_interval_ns`.
+    pub packet_tolerance_ns: u64,
+    /// ns between new TCP connections (SYNs) at the sustained rate.
+    pub conn_interval_ns: u64,
+    /// Burst tolerance for new connections in ns.
+    pub conn_tolerance_ns: u64,
+}
+
+impl RateClass {
+    pub const UNLIMITED: Self = Self {
+        packet_interval_ns: 0,
+        packet_tolerance_ns: 0,
+        conn_interval_ns: 0,
+        conn_tolerance_ns: 0,
+    };
+}
+
+/// Per-source limiter state (generic cell rate algorithm): the theoretical arrival time of the next packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub packet_tat_ns: u64,
+    pub conn_tat_ns: u64,
+}
+
+/// The program's runtime settings: the single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Emit a drop-sample event for 1 in N drops (per CPU); 0 disables drop samples.
+    pub drop_sample_every: u32,
+    /// Bit flags, see `CONFIG_FLAG_*`.
+    pub flags: u32,
+    /// "Now" for the test clock (only read when the program was loaded with [`TEST_CLOCK_GLOBAL`] = 1).
+    pub test_now_ns: u64,
+}
+
+/// Emit a connection event for every new TCP connection (SYN without ACK) to a protected port.
+pub const CONFIG_FLAG_CONN_EVENTS: u32 = 1 << 0;
+
+/// Per-CPU counters: the single entry of the `COUNTERS` per-CPU array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets by [`Reason`].
+    pub by_reason: [u64; REASON_COUNT],
+    /// Events written to the ring buffer, by [`EventKind`] index.
+    pub events_sent: [u64; event::EVENT_KIND_COUNT],
+    /// Events lost because the ring buffer was full, by [`EventKind`] index.
+    pub events_lost: [u64; event::EVENT_KIND_COUNT],
+    /// Running count of drops on this CPU, for 1-in-N sampling.
+    pub drop_sample_tick: u64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            by_reason: [0; REASON_COUNT],
+            events_sent: [0; event::EVENT_KIND_COUNT],
+            events_lost: [0; event::EVENT_KIND_COUNT],
+            drop_sample_tick: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    //! `aya::Pod` for the map types. Sound because every type is `#[repr(C)]`, `Copy`, and has no padding.
+    use super::*;
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for ListEntry {}
+    unsafe impl aya::Pod for Decision {}
+    unsafe impl aya::Pod for RateClass {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+// No implicit padding anywhere: the sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 16);
+const _: () = assert!(core::mem::size_of::<ListEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<Decision>() == 24);
+const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () =
+    assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 2 * event::EVENT_KIND_COUNT + 1));

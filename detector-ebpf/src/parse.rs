@@ -1,0 +1,219 @@
+//! Header parsing with one contract: a cursor offset into the frame, one header per step, every read
+//! bounds-checked against `data_end` before it happens.
+//!
+//! What counts as what:
+//! - not IPv4/IPv6 after ≤ 2 VLAN tags → [`ParseError::NotIp`];
+//! - IP header truncated or invalid (version, IHL < 5) → [`ParseError::Malformed`];
+//! - a valid IP header whose transport header is absent (non-first fragment, unknown protocol, extension chain
+//!   longer than [`MAX_IPV6_EXT_HEADERS`], truncated TCP/UDP, TCP data offset < 5) → a [`Packet`] without ports:
+//!   address rules still apply, port-based limits do not.
+
+use aya_ebpf::programs::XdpContext;
+use detector_common::{AddrKey, FlowTuple};
+
+/// IPv6 extension headers followed before giving up on finding the transport header (xdp-tools uses 6).
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// Upper bound on any header offset; keeps every pointer computation provably inside the frame for the verifier.
+const MAX_OFFSET: usize = 2048;
+
+const ETH_HDR_LEN: usize = 14;
+const VLAN_HDR_LEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+pub enum ParseError {
+    NotIp,
+    Malformed,
+}
+
+pub struct Packet {
+    pub flow: FlowTuple,
+    /// The transport header was present and complete (TCP or UDP); the ports in `flow` are valid.
+    pub has_ports: bool,
+    pub tcp_syn: bool,
+    pub tcp_ack: bool,
+}
+
+/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    if offset > MAX_OFFSET {
+        return None;
+    }
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the whole `T` lies inside the frame; unaligned because frames are.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, ParseError> {
+    let mut ether_type = read_be16(ctx, 12).ok_or(ParseError::NotIp)?;
+    let mut offset = ETH_HDR_LEN;
+    // Up to two tags: 802.1Q, or 802.1ad (QinQ) outer + 802.1Q inner. Unrolled; no loop for the verifier.
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        ether_type = read_be16(ctx, offset + 2).ok_or(ParseError::Malformed)?;
+        offset += VLAN_HDR_LEN;
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            ether_type = read_be16(ctx, offset + 2).ok_or(ParseError::Malformed)?;
+            offset += VLAN_HDR_LEN;
+        }
+    }
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        _ => Err(ParseError::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
+    // Fixed part of the IPv4 header: version/IHL, ..., frag, ttl, proto, check, src, dst.
+    let header = read::<[u8; 20]>(ctx, offset).ok_or(ParseError::Malformed)?;
+    let version = header[0] >> 4;
+    let ihl = (header[0] & 0x0f) as usize;
+    if version != 4 || ihl < 5 {
+        return Err(ParseError::Malformed);
+    }
+    let header_len = ihl * 4;
+    // Options must be inside the frame too.
+    if ptr_at::<u8>(ctx, offset + header_len - 1).is_none() {
+        return Err(ParseError::Malformed);
+    }
+    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+    let proto = header[9];
+    let flow = FlowTuple {
+        src: AddrKey::from_v4([header[12], header[13], header[14], header[15]]),
+        dst: AddrKey::from_v4([header[16], header[17], header[18], header[19]]),
+        proto,
+        ..FlowTuple::default()
+    };
+    let mut packet = Packet {
+        flow,
+        has_ports: false,
+        tcp_syn: false,
+        tcp_ack: false,
+    };
+    // Only the first fragment carries the transport header.
+    if fragment_offset == 0 {
+        parse_l4(ctx, offset + header_len, &mut packet);
+    }
+    Ok(packet)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
+    // Copy the addresses straight from the frame: a 40-byte header copy would cost BPF stack.
+    let vtc = read::<u8>(ctx, offset).ok_or(ParseError::Malformed)?;
+    let src = read::<[u8; 16]>(ctx, offset + 8).ok_or(ParseError::Malformed)?;
+    let dst = read::<[u8; 16]>(ctx, offset + 24).ok_or(ParseError::Malformed)?;
+    let mut next = read::<u8>(ctx, offset + 6).ok_or(ParseError::Malformed)?;
+    if vtc >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    let mut offset = offset + 40;
+    let mut transport_found = false;
+    let mut first_fragment = true;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Some(ext) = read::<[u8; 2]>(ctx, offset) else {
+                    break;
+                };
+                next = ext[0];
+                offset += (ext[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some(ext) = read::<[u8; 2]>(ctx, offset) else {
+                    break;
+                };
+                next = ext[0];
+                offset += (ext[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some(ext) = read::<[u8; 4]>(ctx, offset) else {
+                    break;
+                };
+                next = ext[0];
+                first_fragment = u16::from_be_bytes([ext[2], ext[3]]) >> 3 == 0;
+                offset += 8;
+            }
+            _ => {
+                transport_found = true;
+                break;
+            }
+        }
+    }
+    let flow = FlowTuple {
+        src: AddrKey::from_v6(src),
+        dst: AddrKey::from_v6(dst),
+        proto: if transport_found { next } else { 0 },
+        ..FlowTuple::default()
+    };
+    let mut packet = Packet {
+        flow,
+        has_ports: false,
+        tcp_syn: false,
+        tcp_ack: false,
+    };
+    if transport_found && first_fragment {
+        parse_l4(ctx, offset, &mut packet);
+    }
+    Ok(packet)
+}
+
+/// Fills in ports and TCP flags when a complete TCP or UDP header sits at `offset`.
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) {
+    match packet.flow.proto {
+        IPPROTO_TCP => {
+            // The 20-byte minimum header must be present; ports, data offset and flags are read from it.
+            if ptr_at::<[u8; 20]>(ctx, offset).is_none() {
+                return;
+            }
+            let Some(tcp) = read::<[u8; 14]>(ctx, offset) else {
+                return;
+            };
+            if tcp[12] >> 4 < 5 {
+                return;
+            }
+            packet.flow.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+            packet.flow.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+            packet.tcp_syn = tcp[13] & 0x02 != 0;
+            packet.tcp_ack = tcp[13] & 0x10 != 0;
+            packet.has_ports = true;
+        }
+        IPPROTO_UDP => {
+            let Some(udp) = read::<[u8; 8]>(ctx, offset) else {
+                return;
+            };
+            packet.flow.src_port = u16::from_be_bytes([udp[0], udp[1]]);
+            packet.flow.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+            packet.has_ports = true;
+        }
+        _ => {}
+    }
+}

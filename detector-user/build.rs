@@ -1,0 +1,28 @@
+//! Builds the XDP program with aya-build so the `aqd` binary embeds it.
+//!
+//! The eBPF crate is compiled by Debian's packaged rustc (`rustup run /usr cargo`), which ships a precompiled BPF
+//! `core`; see ../shared/TOOLCHAIN.md. `cargo xtask bootstrap` installs that toolchain when it is missing.
+use anyhow::Context as _;
+use aya_build::{Package, Toolchain};
+
+/// The toolchain that builds the eBPF crate: Debian's rustc-web under /usr (overridable for other setups).
+const DEFAULT_EBPF_TOOLCHAIN: &str = "/usr";
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=AQD_EBPF_TOOLCHAIN");
+    let toolchain =
+        std::env::var("AQD_EBPF_TOOLCHAIN").unwrap_or_else(|_| DEFAULT_EBPF_TOOLCHAIN.to_string());
+    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../detector-ebpf");
+    aya_build::build_ebpf(
+        [Package {
+            name: "detector-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        Toolchain::Custom(&toolchain),
+    )
+    .context(
+        "building the XDP program failed; run `cargo xtask bootstrap` to install the eBPF toolchain \
+         (Debian rustc-web 1.96, llvm-22-dev, bpf-linker 0.13)",
+    )
+}

@@ -1,0 +1,195 @@
+//! Decodes ring-buffer records into events, and reads the ring buffer asynchronously.
+//!
+//! Decoding is pure (bytes in, event out) so it is tested and fuzzed without a kernel. Records shorter than
+//! their header says, or of an unknown kind, decode to an error the reader counts and skips.
+
+use std::net::IpAddr;
+
+use aya::maps::{MapData, RingBuf};
+use detector_common::{ConnEvent, DropEvent, EventHeader, EventKind, FlowTuple, Reason};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+
+use crate::maps::key_addr;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than an event header")]
+    ShortHeader { len: usize },
+    #[error("unknown event kind {kind}")]
+    UnknownKind { kind: u16 },
+    #[error("{kind} record of {len} bytes, expected at least {expected}")]
+    ShortRecord {
+        kind: &'static str,
+        len: usize,
+        expected: usize,
+    },
+}
+
+/// Addresses and ports of a packet, in userspace types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+impl From<&FlowTuple> for Flow {
+    fn from(f: &FlowTuple) -> Self {
+        Self {
+            src: key_addr(&f.src),
+            dst: key_addr(&f.dst),
+            src_port: f.src_port,
+            dst_port: f.dst_port,
+            proto: f.proto,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A new TCP connection to a protected port.
+    Conn { time_ns: u64, ifindex: u32, flow: Flow },
+    /// A sampled drop.
+    Drop {
+        time_ns: u64,
+        ifindex: u32,
+        flow: Flow,
+        reason: Option<Reason>,
+        frame_len: u32,
+    },
+}
+
+/// Reads a `T` from the start of `bytes` if it is long enough. Ring-buffer records are 8-byte aligned, but
+/// decoding does not rely on that.
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        // SAFETY: length checked; `T` is a plain-old-data #[repr(C)] type from detector-common.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes).ok_or(DecodeError::ShortHeader { len: bytes.len() })?;
+    let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
+    let short = |expected| DecodeError::ShortRecord {
+        kind: kind.name(),
+        len: bytes.len(),
+        expected,
+    };
+    match kind {
+        EventKind::Conn => {
+            let e: ConnEvent = read(bytes).ok_or_else(|| short(size_of::<ConnEvent>()))?;
+            Ok(Event::Conn {
+                time_ns: e.header.time_ns,
+                ifindex: e.header.ifindex,
+                flow: Flow::from(&e.flow),
+            })
+        }
+        EventKind::Drop => {
+            let e: DropEvent = read(bytes).ok_or_else(|| short(size_of::<DropEvent>()))?;
+            Ok(Event::Drop {
+                time_ns: e.header.time_ns,
+                ifindex: e.header.ifindex,
+                flow: Flow::from(&e.flow),
+                reason: Reason::from_u32(e.reason),
+                frame_len: e.frame_len,
+            })
+        }
+    }
+}
+
+/// Async reader over the `EVENTS` ring buffer.
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Records that failed to decode (counted, never fatal).
+    pub undecodable: u64,
+}
+
+impl EventReader {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the reader owns the ring buffer (and so its fd) for as long as it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self { ring, undecodable: 0 })
+    }
+
+    /// Waits for records, then hands every available one to `sink`. Returns the number handled.
+    pub async fn next_batch(&mut self, mut sink: impl FnMut(Event)) -> std::io::Result<usize> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut handled = 0;
+        while let Some(record) = ring.next() {
+            match decode(&record) {
+                Ok(event) => sink(event),
+                Err(e) => {
+                    self.undecodable += 1;
+                    tracing::debug!(error = %e, "skipping undecodable event");
+                }
+            }
+            handled += 1;
+        }
+        guard.clear_ready();
+        Ok(handled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use detector_common::AddrKey;
+
+    use super::*;
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a padding-free #[repr(C)] type.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_a_conn_event() {
+        let e = ConnEvent {
+            header: EventHeader {
+                kind: 0,
+                len: 56,
+                ifindex: 3,
+                time_ns: 42,
+            },
+            flow: FlowTuple {
+                src: AddrKey::from_v4([10, 0, 0, 1]),
+                dst: AddrKey::from_v4([10, 0, 0, 2]),
+                src_port: 40000,
+                dst_port: 443,
+                proto: 6,
+                _pad: [0; 3],
+            },
+        };
+        let got = decode(&bytes_of(&e)).unwrap();
+        let Event::Conn {
+            time_ns,
+            ifindex,
+            flow,
+        } = got
+        else {
+            panic!("wrong kind")
+        };
+        assert_eq!((time_ns, ifindex), (42, 3));
+        assert_eq!(flow.src, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(flow.dst_port, 443);
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert_eq!(decode(&[0; 3]), Err(DecodeError::ShortHeader { len: 3 }));
+        let mut unknown = bytes_of(&EventHeader {
+            kind: 99,
+            len: 16,
+            ifindex: 0,
+            time_ns: 0,
+        });
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind { kind: 99 }));
+        unknown[0] = 1; // a drop header with no body
+        assert!(matches!(decode(&unknown), Err(DecodeError::ShortRecord { .. })));
+    }
+}

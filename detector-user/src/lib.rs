@@ -1,0 +1,20 @@
+//! aqd — adversarial query detection on the load balancer.
+//!
+//! Data flows one way:
+//! ```text
+//! packets → kernel (detector-ebpf) → events → features → model → decisions → kernel maps
+//! ```
+//! - [`loader`]: loads the embedded XDP program and pins its maps;
+//! - [`attach`]: attaches it to interfaces (netlink), replacing atomically on restart;
+//! - [`maps`]: typed access to the kernel maps (the only user of `aya::maps` besides the event reader);
+//! - [`events`]: decodes ring-buffer records;
+//! - [`daemon`]: `aqd run`;
+//! - [`paths`], [`clock`]: names and time shared by all of the above.
+
+pub mod attach;
+pub mod clock;
+pub mod daemon;
+pub mod events;
+pub mod loader;
+pub mod maps;
+pub mod paths;

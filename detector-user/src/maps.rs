@@ -1,0 +1,603 @@
+//! Typed access to the kernel maps — the only module that reads or writes them.
+//!
+//! Opened either from a freshly loaded program ([`KernelMaps::from_ebpf`]) or from the pins a running (or
+//! stopped) daemon left in bpffs ([`KernelMaps::from_pins`]), so the CLI works with or without the daemon.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+use detector_common::{
+    Action, AddrKey, Bucket, Config, Counters, Decision, ListEntry, Origin, PREFIX_SCOPE_V4, PREFIX_SCOPE_V6,
+    REASON_COUNT, RateClass, addr::V4_MAPPED_PREFIX_BITS, capacity, event::EVENT_KIND_COUNT, map_names,
+};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::{clock, paths};
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("map {name} is missing from the program")]
+    Missing { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "cannot open pinned map {path}: {source}; is aqd loaded? (`aqd run` pins its maps there; check --pin-dir)"
+    )]
+    Pin {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("{net}: host bits are set; did you mean {truncated}?")]
+    HostBits { net: IpNet, truncated: IpNet },
+    #[error("{net}: {action} decisions take an address, an IPv4 /24 or an IPv6 /64 (block takes any prefix)")]
+    DecisionScope { net: IpNet, action: &'static str },
+    #[error("rate class {class} is out of range (0..{})", capacity::RATE_CLASSES)]
+    RateClass { class: u32 },
+}
+
+/// Where an address or prefix lives in the kernel maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// A single address: the exact-address maps.
+    Exact(AddrKey),
+    /// A prefix: the LPM tries (for lists) — with its trie prefix length (IPv4 is offset by 96).
+    Prefix { key: AddrKey, trie_len: u32 },
+}
+
+/// The allowlist or the denylist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    Allow,
+    Deny,
+}
+
+/// Converts a CIDR to its map slot, rejecting host bits set (a typo more often than intent).
+pub fn slot_for(net: IpNet) -> Result<Slot, MapsError> {
+    if net.trunc() != net {
+        return Err(MapsError::HostBits {
+            net,
+            truncated: net.trunc(),
+        });
+    }
+    Ok(match net {
+        IpNet::V4(n) if n.prefix_len() == 32 => Slot::Exact(AddrKey::from_v4(n.addr().octets())),
+        IpNet::V6(n) if n.prefix_len() == 128 => Slot::Exact(AddrKey::from_v6(n.addr().octets())),
+        IpNet::V4(n) => Slot::Prefix {
+            key: AddrKey::from_v4(n.addr().octets()),
+            trie_len: V4_MAPPED_PREFIX_BITS + n.prefix_len() as u32,
+        },
+        IpNet::V6(n) => Slot::Prefix {
+            key: AddrKey::from_v6(n.addr().octets()),
+            trie_len: n.prefix_len() as u32,
+        },
+    })
+}
+
+/// Where a decision on `net` goes: the exact map for one address, the prefix map for a /24 or /64.
+/// Any other prefix length is not a decision scope.
+pub fn decision_slot(net: IpNet) -> Option<(AddrKey, bool)> {
+    match slot_for(net).ok()? {
+        Slot::Exact(key) => Some((key, true)),
+        Slot::Prefix { key, .. } => {
+            let scope_ok = match net {
+                IpNet::V4(n) => n.prefix_len() == PREFIX_SCOPE_V4,
+                IpNet::V6(n) => n.prefix_len() == PREFIX_SCOPE_V6,
+            };
+            scope_ok.then_some((key, false))
+        }
+    }
+}
+
+/// The address an [`AddrKey`] holds.
+pub fn key_addr(key: &AddrKey) -> IpAddr {
+    if key.is_v4() {
+        IpAddr::from([key.addr[12], key.addr[13], key.addr[14], key.addr[15]])
+    } else {
+        IpAddr::from(key.addr)
+    }
+}
+
+/// The CIDR of a trie key.
+pub fn trie_net(key: &AddrKey, trie_len: u32) -> IpNet {
+    match key_addr(key) {
+        IpAddr::V4(a) => IpNet::new(a.into(), trie_len.saturating_sub(V4_MAPPED_PREFIX_BITS) as u8),
+        IpAddr::V6(a) => IpNet::new(a.into(), trie_len as u8),
+    }
+    .expect("prefix length comes from a valid trie key")
+}
+
+/// The CIDR of a decision key.
+pub fn decision_net(key: &AddrKey, exact: bool) -> IpNet {
+    let addr = key_addr(key);
+    let len = match (addr, exact) {
+        (IpAddr::V4(_), true) => 32,
+        (IpAddr::V6(_), true) => 128,
+        (IpAddr::V4(_), false) => PREFIX_SCOPE_V4,
+        (IpAddr::V6(_), false) => PREFIX_SCOPE_V6,
+    };
+    IpNet::new(addr, len).expect("valid prefix length")
+}
+
+/// A list entry as read back.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ListRow {
+    pub list: List,
+    pub net: IpNet,
+    pub hits: u64,
+    /// Seconds left; None = permanent.
+    pub remaining_secs: Option<u64>,
+}
+
+/// A decision as read back.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecisionRow {
+    pub net: IpNet,
+    pub action: &'static str,
+    pub rate_class: u8,
+    pub reason: u16,
+    pub origin: &'static str,
+    pub hits: u64,
+    /// Seconds left; None = permanent.
+    pub remaining_secs: Option<u64>,
+}
+
+pub fn action_name(action: Option<Action>) -> &'static str {
+    match action {
+        Some(Action::Monitor) => "monitor",
+        Some(Action::Throttle) => "throttle",
+        Some(Action::Block) => "block",
+        None => "unknown",
+    }
+}
+
+pub fn origin_name(origin: Option<Origin>) -> &'static str {
+    match origin {
+        Some(Origin::Cli) => "cli",
+        Some(Origin::Import) => "import",
+        Some(Origin::Model) => "model",
+        Some(Origin::Config) => "config",
+        Some(Origin::Fleet) => "fleet",
+        None => "unknown",
+    }
+}
+
+/// Kernel limits for a rate class given as rates and bursts (0 pps / 0 conns = unlimited).
+pub fn rate_class_limits(
+    packets_per_s: u32,
+    packet_burst: u32,
+    conns_per_s: u32,
+    conn_burst: u32,
+) -> RateClass {
+    let interval = |rate: u32| if rate == 0 { 0 } else { 1_000_000_000 / rate as u64 };
+    let tolerance = |rate: u32, burst: u32| interval(rate) * (burst.max(1) as u64 - 1);
+    RateClass {
+        packet_interval_ns: interval(packets_per_s),
+        packet_tolerance_ns: tolerance(packets_per_s, packet_burst),
+        conn_interval_ns: interval(conns_per_s),
+        conn_tolerance_ns: tolerance(conns_per_s, conn_burst),
+    }
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterTotals {
+    pub by_reason: [u64; REASON_COUNT],
+    pub events_sent: [u64; EVENT_KIND_COUNT],
+    pub events_lost: [u64; EVENT_KIND_COUNT],
+}
+
+impl CounterTotals {
+    pub fn packets(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+}
+
+/// Handles on every map except the ring buffer (which the event reader owns).
+pub struct KernelMaps {
+    allow_exact: HashMap<MapData, AddrKey, ListEntry>,
+    allow_prefix: LpmTrie<MapData, AddrKey, ListEntry>,
+    deny_exact: HashMap<MapData, AddrKey, ListEntry>,
+    deny_prefix: LpmTrie<MapData, AddrKey, ListEntry>,
+    decision_exact: HashMap<MapData, AddrKey, Decision>,
+    decision_prefix: HashMap<MapData, AddrKey, Decision>,
+    buckets: HashMap<MapData, AddrKey, Bucket>,
+    rate_classes: Array<MapData, RateClass>,
+    protected_ports: Array<MapData, u8>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, Counters>,
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded program.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::open(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+    }
+
+    /// Opens the maps pinned under a versioned pin directory.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, MapsError> {
+        Self::open(|name| {
+            let path = paths::map_pin(pin_dir, name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Map { name, source })
+        })
+    }
+
+    fn open(mut get: impl FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Self, MapsError> {
+        use map_names as n;
+        Ok(Self {
+            allow_exact: typed(n::ALLOW_EXACT, get(n::ALLOW_EXACT)?)?,
+            allow_prefix: typed(n::ALLOW_PREFIX, get(n::ALLOW_PREFIX)?)?,
+            deny_exact: typed(n::DENY_EXACT, get(n::DENY_EXACT)?)?,
+            deny_prefix: typed(n::DENY_PREFIX, get(n::DENY_PREFIX)?)?,
+            decision_exact: typed(n::DECISION_EXACT, get(n::DECISION_EXACT)?)?,
+            decision_prefix: typed(n::DECISION_PREFIX, get(n::DECISION_PREFIX)?)?,
+            buckets: typed(n::BUCKETS, get(n::BUCKETS)?)?,
+            rate_classes: typed(n::RATE_CLASSES, get(n::RATE_CLASSES)?)?,
+            protected_ports: typed(n::PROTECTED_PORTS, get(n::PROTECTED_PORTS)?)?,
+            config: typed(n::CONFIG, get(n::CONFIG)?)?,
+            counters: typed(n::COUNTERS, get(n::COUNTERS)?)?,
+        })
+    }
+
+    // ---- allowlist / denylist ----
+
+    /// Adds (or refreshes) `net` in a list, keeping its hit count if it was already there.
+    pub fn list_insert(&mut self, list: List, net: IpNet, ttl: Option<Duration>) -> Result<(), MapsError> {
+        let expires_ns = clock::expiry_from_ttl(ttl);
+        let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
+        match slot_for(net)? {
+            Slot::Exact(key) => {
+                let hits = exact.get(&key, 0).map(|e| e.hits).unwrap_or(0);
+                exact
+                    .insert(key, ListEntry { expires_ns, hits }, 0)
+                    .map_err(|source| MapsError::Map {
+                        name: exact_name,
+                        source,
+                    })
+            }
+            Slot::Prefix { key, trie_len } => {
+                let trie_key = Key::new(trie_len, key);
+                let hits = prefix.get(&trie_key, 0).map(|e| e.hits).unwrap_or(0);
+                prefix
+                    .insert(&trie_key, ListEntry { expires_ns, hits }, 0)
+                    .map_err(|source| MapsError::Map {
+                        name: prefix_name,
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Removes `net` from a list; `Ok(false)` if it was not there.
+    pub fn list_remove(&mut self, list: List, net: IpNet) -> Result<bool, MapsError> {
+        let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
+        let result = match slot_for(net)? {
+            Slot::Exact(key) => exact.remove(&key).map_err(|source| (exact_name, source)),
+            Slot::Prefix { key, trie_len } => prefix
+                .remove(&Key::new(trie_len, key))
+                .map_err(|source| (prefix_name, source)),
+        };
+        not_found_is_false(result)
+    }
+
+    /// Every entry of a list.
+    pub fn list_entries(&self, list: List) -> Result<Vec<ListRow>, MapsError> {
+        let (exact, prefix, exact_name, prefix_name) = match list {
+            List::Allow => (
+                &self.allow_exact,
+                &self.allow_prefix,
+                map_names::ALLOW_EXACT,
+                map_names::ALLOW_PREFIX,
+            ),
+            List::Deny => (
+                &self.deny_exact,
+                &self.deny_prefix,
+                map_names::DENY_EXACT,
+                map_names::DENY_PREFIX,
+            ),
+        };
+        let mut rows = Vec::new();
+        for item in exact.iter() {
+            let (key, entry) = item.map_err(|source| MapsError::Map {
+                name: exact_name,
+                source,
+            })?;
+            let net = decision_net(&key, true);
+            rows.push(ListRow {
+                list,
+                net,
+                hits: entry.hits,
+                remaining_secs: remaining_secs(entry.expires_ns),
+            });
+        }
+        for item in prefix.iter() {
+            let (key, entry) = item.map_err(|source| MapsError::Map {
+                name: prefix_name,
+                source,
+            })?;
+            let data = key.data();
+            let net = trie_net(&data, key.prefix_len());
+            rows.push(ListRow {
+                list,
+                net,
+                hits: entry.hits,
+                remaining_secs: remaining_secs(entry.expires_ns),
+            });
+        }
+        Ok(rows)
+    }
+
+    fn list_maps(
+        &mut self,
+        list: List,
+    ) -> (
+        &mut HashMap<MapData, AddrKey, ListEntry>,
+        &mut LpmTrie<MapData, AddrKey, ListEntry>,
+        &'static str,
+        &'static str,
+    ) {
+        match list {
+            List::Allow => (
+                &mut self.allow_exact,
+                &mut self.allow_prefix,
+                map_names::ALLOW_EXACT,
+                map_names::ALLOW_PREFIX,
+            ),
+            List::Deny => (
+                &mut self.deny_exact,
+                &mut self.deny_prefix,
+                map_names::DENY_EXACT,
+                map_names::DENY_PREFIX,
+            ),
+        }
+    }
+
+    // ---- decisions ----
+
+    /// Writes a decision. Block on a prefix that is not a decision scope goes to the denylist (with its TTL).
+    pub fn decision_insert(
+        &mut self,
+        net: IpNet,
+        action: Action,
+        rate_class: u8,
+        reason: u16,
+        origin: Origin,
+        ttl: Option<Duration>,
+    ) -> Result<(), MapsError> {
+        if rate_class as u32 >= capacity::RATE_CLASSES {
+            return Err(MapsError::RateClass {
+                class: rate_class as u32,
+            });
+        }
+        let Some((key, exact)) = decision_slot(net) else {
+            slot_for(net)?; // host bits: the clearer error first
+            if action == Action::Block {
+                return self.list_insert(List::Deny, net, ttl);
+            }
+            return Err(MapsError::DecisionScope {
+                net,
+                action: action_name(Some(action)),
+            });
+        };
+        let (map, name) = self.decision_map(exact);
+        let hits = map.get(&key, 0).map(|d| d.hits).unwrap_or(0);
+        let decision = Decision {
+            expires_ns: clock::expiry_from_ttl(ttl),
+            hits,
+            action: action as u8,
+            rate_class,
+            reason,
+            origin: origin as u8,
+            _pad: [0; 3],
+        };
+        map.insert(key, decision, 0)
+            .map_err(|source| MapsError::Map { name, source })
+    }
+
+    /// Removes the decision on `net` (or, for other prefix lengths, its denylist entry).
+    pub fn decision_remove(&mut self, net: IpNet) -> Result<bool, MapsError> {
+        let Some((key, exact)) = decision_slot(net) else {
+            return self.list_remove(List::Deny, net);
+        };
+        let (map, name) = self.decision_map(exact);
+        not_found_is_false(map.remove(&key).map_err(|source| (name, source)))
+    }
+
+    /// Every decision, exact and prefix scope.
+    pub fn decisions(&self) -> Result<Vec<DecisionRow>, MapsError> {
+        let mut rows = Vec::new();
+        for (map, exact, name) in [
+            (&self.decision_exact, true, map_names::DECISION_EXACT),
+            (&self.decision_prefix, false, map_names::DECISION_PREFIX),
+        ] {
+            for item in map.iter() {
+                let (key, d) = item.map_err(|source| MapsError::Map { name, source })?;
+                rows.push(DecisionRow {
+                    net: decision_net(&key, exact),
+                    action: action_name(Action::from_u8(d.action)),
+                    rate_class: d.rate_class,
+                    reason: d.reason,
+                    origin: origin_name(Origin::from_u8(d.origin)),
+                    hits: d.hits,
+                    remaining_secs: remaining_secs(d.expires_ns),
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    fn decision_map(&mut self, exact: bool) -> (&mut HashMap<MapData, AddrKey, Decision>, &'static str) {
+        if exact {
+            (&mut self.decision_exact, map_names::DECISION_EXACT)
+        } else {
+            (&mut self.decision_prefix, map_names::DECISION_PREFIX)
+        }
+    }
+
+    // ---- settings ----
+
+    pub fn set_rate_class(&mut self, class: u32, limits: RateClass) -> Result<(), MapsError> {
+        if class >= capacity::RATE_CLASSES {
+            return Err(MapsError::RateClass { class });
+        }
+        self.rate_classes
+            .set(class, limits, 0)
+            .map_err(|source| MapsError::Map {
+                name: map_names::RATE_CLASSES,
+                source,
+            })
+    }
+
+    pub fn rate_class(&self, class: u32) -> Result<RateClass, MapsError> {
+        self.rate_classes.get(&class, 0).map_err(|source| MapsError::Map {
+            name: map_names::RATE_CLASSES,
+            source,
+        })
+    }
+
+    /// Makes exactly `ports` the protected ports.
+    pub fn set_protected_ports(&mut self, ports: &[u16]) -> Result<(), MapsError> {
+        let err = |source| MapsError::Map {
+            name: map_names::PROTECTED_PORTS,
+            source,
+        };
+        // Set the new ones first, then clear the rest, so a port in both sets is never unprotected.
+        for &port in ports {
+            self.protected_ports.set(port as u32, 1, 0).map_err(err)?;
+        }
+        for port in 0..capacity::PROTECTED_PORTS {
+            if !ports.contains(&(port as u16)) && self.protected_ports.get(&port, 0).map_err(err)? != 0 {
+                self.protected_ports.set(port, 0, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn protected_ports(&self) -> Result<Vec<u16>, MapsError> {
+        let mut ports = Vec::new();
+        for (port, value) in self.protected_ports.iter().enumerate() {
+            let value = value.map_err(|source| MapsError::Map {
+                name: map_names::PROTECTED_PORTS,
+                source,
+            })?;
+            if value != 0 {
+                ports.push(port as u16);
+            }
+        }
+        Ok(ports)
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), MapsError> {
+        self.config.set(0, config, 0).map_err(|source| MapsError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config.get(&0, 0).map_err(|source| MapsError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    // ---- observation ----
+
+    /// Counters summed over all CPUs.
+    pub fn counters(&self) -> Result<CounterTotals, MapsError> {
+        let per_cpu = self.counters.get(&0, 0).map_err(|source| MapsError::Map {
+            name: map_names::COUNTERS,
+            source,
+        })?;
+        let mut totals = CounterTotals::default();
+        for c in per_cpu.iter() {
+            for (t, v) in totals.by_reason.iter_mut().zip(c.by_reason) {
+                *t += v;
+            }
+            for (t, v) in totals.events_sent.iter_mut().zip(c.events_sent) {
+                *t += v;
+            }
+            for (t, v) in totals.events_lost.iter_mut().zip(c.events_lost) {
+                *t += v;
+            }
+        }
+        Ok(totals)
+    }
+
+    /// The limiter state of one source, if it has any.
+    pub fn bucket(&self, addr: IpAddr) -> Option<Bucket> {
+        let key = match addr {
+            IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
+            IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
+        };
+        self.buckets.get(&key, 0).ok()
+    }
+
+    /// Entries in each map, for fill levels. Walks the maps: O(entries).
+    pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (
+                map_names::ALLOW_EXACT,
+                self.allow_exact.keys().count(),
+                capacity::ALLOW_EXACT,
+            ),
+            (
+                map_names::ALLOW_PREFIX,
+                self.allow_prefix.keys().count(),
+                capacity::ALLOW_PREFIX,
+            ),
+            (
+                map_names::DENY_EXACT,
+                self.deny_exact.keys().count(),
+                capacity::DENY_EXACT,
+            ),
+            (
+                map_names::DENY_PREFIX,
+                self.deny_prefix.keys().count(),
+                capacity::DENY_PREFIX,
+            ),
+            (
+                map_names::DECISION_EXACT,
+                self.decision_exact.keys().count(),
+                capacity::DECISION_EXACT,
+            ),
+            (
+                map_names::DECISION_PREFIX,
+                self.decision_prefix.keys().count(),
+                capacity::DECISION_PREFIX,
+            ),
+            (map_names::BUCKETS, self.buckets.keys().count(), capacity::BUCKETS),
+        ]
+    }
+}
+
+fn remaining_secs(expires_ns: u64) -> Option<u64> {
+    clock::remaining(expires_ns).map(|d| d.as_secs())
+}
+
+/// `remove` on a missing key is ENOENT; callers want "was it there".
+fn not_found_is_false(result: Result<(), (&'static str, MapError)>) -> Result<bool, MapsError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err((_, MapError::KeyNotFound)) => Ok(false),
+        Err((_, MapError::SyscallError(e))) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err((name, source)) => Err(MapsError::Map { name, source }),
+    }
+}
