@@ -260,7 +260,11 @@ impl KernelMaps {
 
     /// Adds (or refreshes) `net` in a list, keeping its hit count if it was already there.
     pub fn list_insert(&mut self, list: List, net: IpNet, ttl: Option<Duration>) -> Result<(), MapsError> {
-        let expires_ns = clock::expiry_from_ttl(ttl);
+        self.list_put(list, net, clock::expiry_from_ttl(ttl))
+    }
+
+    /// Adds (or refreshes) `net` in a list with an absolute monotonic expiry (0 = never).
+    pub fn list_put(&mut self, list: List, net: IpNet, expires_ns: u64) -> Result<(), MapsError> {
         let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
         match slot_for(net)? {
             Slot::Exact(key) => {

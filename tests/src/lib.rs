@@ -1,1 +1,6 @@
+//! Test support for aqd's kernel and end-to-end tests (shared by `tests/*.rs` and the benchmarks):
+//! - [`packet`]: crafted frames (Ethernet, VLAN tags, IPv4/IPv6, TCP/UDP/ICMP) built with etherparse;
+//! - [`kernel`]: the real XDP program loaded with its test clock and run through `BPF_PROG_TEST_RUN`.
 
+pub mod kernel;
+pub mod packet;
