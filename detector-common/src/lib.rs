@@ -52,6 +52,8 @@ pub mod map_names {
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "aqd_xdp";
+/// A bare `XDP_PASS` program in the same object, for benchmarks (the per-packet floor). Never attached.
+pub const FLOOR_PROGRAM_NAME: &str = "aqd_floor";
 /// Name of the read-only global that, when set to 1 at load time, makes the program read "now" from
 /// [`Config::test_now_ns`] instead of the monotonic clock. Only tests set it; the verifier prunes the test path
 /// from production loads.

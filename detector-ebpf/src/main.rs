@@ -86,6 +86,12 @@ pub fn aqd_xdp(ctx: XdpContext) -> u32 {
     reason.verdict().xdp_action()
 }
 
+/// A bare `XDP_PASS`: the floor the benchmark measures aqd against, in the same object and load. Never attached.
+#[xdp]
+pub fn aqd_floor(_ctx: XdpContext) -> u32 {
+    Verdict::Pass.xdp_action()
+}
+
 /// The verdict for a parsed packet. Emits the connection event for accepted SYNs to protected ports.
 #[inline(always)]
 fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Clock) -> Reason {
