@@ -1,58 +1,170 @@
-//! `aqd run`: load, attach, apply settings, read events, report counters, exit leaving the kernel enforcing.
+//! `aqd run`: load, attach, apply the config, serve the control socket and metrics, read events, and exit
+//! leaving the kernel enforcing (maps pinned, XDP attached).
+//!
+//! Signals: SIGHUP reloads the config (a bad file is rejected, the running config kept); SIGINT/SIGTERM exit.
 
-use std::{os::fd::AsFd as _, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::maps::RingBuf;
-use detector_common::{CONFIG_FLAG_CONN_EVENTS, Config, Reason, event::EVENT_KIND_COUNT, map_names};
+use detector_common::{
+    Action, CONFIG_FLAG_CONN_EVENTS, Config as ProgramConfig, Origin, Reason, Verdict, event::EventKind,
+    map_names,
+};
+use ipnet::IpNet;
+use serde_json::{Value, json};
 
 use crate::{
-    attach::{self, AttachMode, Attached},
+    attach::{self, Attached},
+    config::{Config, parse_cidr},
+    control::{self, ControlError, ErrorKind, Handler, ImportInto, ListWhat, Request},
+    enforce::{AuditLog, DecisionRequest, EnforceError, Enforcer},
     events::{Event, EventReader},
+    listfile,
     loader::{self, LoadOptions},
-    maps::{CounterTotals, KernelMaps, rate_class_limits},
+    maps::{KernelMaps, List, rate_class_limits},
+    metrics, paths,
 };
 
-/// Limits of a rate class as an operator writes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimits {
-    pub packets_per_s: u32,
-    pub packet_burst: u32,
-    pub conns_per_s: u32,
-    pub conn_burst: u32,
+/// Event-reader statistics shared with the status and metrics views.
+#[derive(Debug, Default)]
+pub struct EventStats {
+    pub read: [AtomicU64; 2],
+    pub undecodable: AtomicU64,
 }
 
-/// Everything `aqd run` needs.
-#[derive(Clone, Debug)]
-pub struct DaemonSettings {
+/// Reload outcomes, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Everything the control socket and metrics see.
+pub struct DaemonState {
+    pub enforcer: Enforcer,
+    pub config_path: Option<PathBuf>,
+    /// Command-line overrides re-applied on every reload.
+    pub overrides: Overrides,
+    pub started: Instant,
+    pub program_id: u32,
+    pub events: Arc<EventStats>,
+    pub reloads: Arc<ReloadStats>,
+    /// List entries written from the config, so a reload can remove the ones no longer there.
+    config_entries: BTreeSet<(bool, IpNet)>,
+}
+
+/// Settings given on the command line; they win over the config file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
     pub interfaces: Vec<String>,
-    pub mode: AttachMode,
-    pub pin_dir: PathBuf,
-    pub protected_ports: Vec<u16>,
-    /// Class 0 applies to every source without a throttle decision; others to throttled sources.
-    pub rate_classes: Vec<(u32, RateLimits)>,
-    pub drop_sample_every: u32,
-    pub stats_interval: Duration,
+    pub xdp_mode: Option<attach::AttachMode>,
+    pub pin_root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub protected_ports: Option<Vec<u16>>,
+    pub stats_interval: Option<Duration>,
+    pub metrics_address: Option<String>,
+    pub audit_log: Option<PathBuf>,
+    pub dry_run: bool,
 }
 
-/// Runs until SIGINT/SIGTERM. The XDP links and maps stay pinned: enforcement continues without the daemon.
-pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
+impl Overrides {
+    fn apply(&self, mut config: Config) -> anyhow::Result<Config> {
+        if !self.interfaces.is_empty() {
+            config.interfaces = self.interfaces.clone();
+        }
+        if let Some(m) = self.xdp_mode {
+            config.xdp_mode = m;
+        }
+        if let Some(p) = &self.pin_root {
+            config.pin_root = p.clone();
+        }
+        if let Some(s) = &self.socket {
+            config.socket = s.clone();
+        } else if self.pin_root.is_some() {
+            config.socket = paths::socket_for_pin_root(&config.pin_root);
+        }
+        if let Some(p) = &self.protected_ports {
+            config.protected_ports = p.clone();
+        }
+        if let Some(s) = self.stats_interval {
+            config.stats_interval = s;
+        }
+        if let Some(a) = &self.metrics_address {
+            config.metrics_address = if a.is_empty() {
+                None
+            } else {
+                Some(
+                    a.parse()
+                        .with_context(|| format!("--metrics-address '{a}' is not an address:port"))?,
+                )
+            };
+        }
+        if let Some(a) = &self.audit_log {
+            config.audit_log = a.clone();
+        }
+        config.dry_run |= self.dry_run;
+        Ok(config)
+    }
+}
+
+/// Reads the config file (if any) and applies the command-line overrides.
+pub fn resolve_config(path: Option<&std::path::Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+    let base = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    overrides.apply(base)
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let config = resolve_config(config_path.as_deref(), &overrides)?;
+    if config.interfaces.is_empty() {
+        anyhow::bail!("no interface to attach to: give --iface or set daemon.interfaces in the config");
+    }
+    let pin_dir = paths::versioned_pin_dir(&config.pin_root);
     let mut ebpf = loader::load(&LoadOptions {
-        pin_dir: Some(settings.pin_dir.clone()),
+        pin_dir: Some(pin_dir.clone()),
         test_clock: false,
     })
     .context("loading the XDP program")?;
-    let mut maps = KernelMaps::from_ebpf(&mut ebpf)?;
-    apply_settings(&mut maps, &settings)?;
+    let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let audit = AuditLog::open(&config.audit_log)?;
+    let events = Arc::new(EventStats::default());
+    let reloads = Arc::new(ReloadStats::default());
+
     let program = loader::program_mut(&mut ebpf)?;
     let program_id = program.info()?.id();
+    let mut state = DaemonState {
+        enforcer: Enforcer::new(maps, audit, config.clone()),
+        config_path: config_path.clone(),
+        overrides,
+        started: Instant::now(),
+        program_id,
+        events: Arc::clone(&events),
+        reloads: Arc::clone(&reloads),
+        config_entries: BTreeSet::new(),
+    };
+    // Settings and lists go in before the program is attached, so it never runs with stale limits.
+    state.apply_config(&config)?;
+
     let program_fd = program.fd()?.as_fd();
-    for iface in &settings.interfaces {
-        match attach::attach(program_fd, iface, settings.mode)? {
-            Attached::New => tracing::info!(iface, mode = %settings.mode, program_id, "attached"),
+    for iface in &config.interfaces {
+        match attach::attach(program_fd, iface, config.xdp_mode)? {
+            Attached::New => tracing::info!(iface, mode = %config.xdp_mode, program_id, "attached"),
             Attached::Replaced { old_program_id } => tracing::info!(
                 iface,
-                mode = %settings.mode,
+                mode = %config.xdp_mode,
                 program_id,
                 old_program_id,
                 "replaced the running aqd program atomically (no gap)"
@@ -62,74 +174,431 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     let ring = RingBuf::try_from(ebpf.take_map(map_names::EVENTS).context("EVENTS map missing")?)?;
     let mut reader = EventReader::new(ring)?;
 
+    let state = Arc::new(Mutex::new(state));
+    let socket_path = config.socket.clone();
+    let listener = control::bind(&socket_path, config.socket_group.as_deref())
+        .with_context(|| format!("control socket {}", socket_path.display()))?;
+    tracing::info!(socket = %socket_path.display(), "control socket ready");
+    let control_task = tokio::spawn(control::serve_listener(listener, Arc::clone(&state)));
+    let metrics_task = match config.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("metrics endpoint {address}"))?;
+            tracing::info!(%address, "metrics on /metrics");
+            Some(tokio::spawn(metrics::serve(listener, Arc::clone(&state))))
+        }
+        None => None,
+    };
+
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut stats = tokio::time::interval(settings.stats_interval);
-    let mut events_by_kind = [0u64; EVENT_KIND_COUNT];
-    let mut last = maps.counters()?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut stats = tokio::time::interval(config.stats_interval);
+    let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;
     loop {
         tokio::select! {
-            batch = reader.next_batch(|event| {
-                match &event {
-                    Event::Conn { flow, .. } => {
-                        events_by_kind[0] += 1;
-                        tracing::debug!(src = %flow.src, sport = flow.src_port, dport = flow.dst_port, "new connection");
-                    }
-                    Event::Drop { flow, reason, .. } => {
-                        events_by_kind[1] += 1;
-                        tracing::debug!(src = %flow.src, reason = reason.map(|r| r.name()), "drop sample");
-                    }
-                }
-            }) => { batch.context("reading the event ring buffer")?; }
+            batch = reader.next_batch(|event| record_event(&events, &event)) => {
+                batch.context("reading the event ring buffer")?;
+                events.undecodable.store(reader.undecodable, Ordering::Relaxed);
+            }
             _ = stats.tick() => {
-                let now = maps.counters()?;
-                log_counters(&last, &now, &events_by_kind, reader.undecodable);
+                let now = state.lock().expect("state lock").enforcer.maps.counters()?;
+                log_counters(&last, &now);
                 last = now;
+            }
+            _ = sighup.recv() => {
+                let result = state.lock().expect("state lock").reload();
+                if let Err(e) = result {
+                    tracing::error!("reload rejected, running config kept: {e:#}");
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
+    control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket_path);
     tracing::info!("exiting; the XDP program stays attached and keeps enforcing (`aqd detach` removes it)");
     Ok(())
 }
 
-/// Writes protected ports, rate classes and program config into the maps.
-pub fn apply_settings(maps: &mut KernelMaps, settings: &DaemonSettings) -> anyhow::Result<()> {
-    maps.set_protected_ports(&settings.protected_ports)?;
-    for &(class, l) in &settings.rate_classes {
-        maps.set_rate_class(
-            class,
-            rate_class_limits(l.packets_per_s, l.packet_burst, l.conns_per_s, l.conn_burst),
-        )?;
+fn record_event(stats: &EventStats, event: &Event) {
+    match event {
+        Event::Conn { flow, .. } => {
+            stats.read[EventKind::Conn as usize].fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(src = %flow.src, sport = flow.src_port, dport = flow.dst_port, "new connection");
+        }
+        Event::Drop { flow, reason, .. } => {
+            stats.read[EventKind::Drop as usize].fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(src = %flow.src, reason = reason.map(|r| r.name()), "drop sample");
+        }
     }
-    maps.set_config(Config {
-        drop_sample_every: settings.drop_sample_every,
-        flags: CONFIG_FLAG_CONN_EVENTS,
-        test_now_ns: 0,
-    })?;
-    Ok(())
 }
 
-fn log_counters(last: &CounterTotals, now: &CounterTotals, events_read: &[u64], undecodable: u64) {
-    let delta = |i: usize| now.by_reason[i].saturating_sub(last.by_reason[i]);
-    let packets: u64 = (0..now.by_reason.len()).map(delta).sum();
+impl DaemonState {
+    /// Re-reads the config file; on any error the running config stays.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        let result = resolve_config(self.config_path.as_deref(), &self.overrides).and_then(|new| {
+            let old = self.enforcer.config().clone();
+            for (what, changed) in [
+                ("interfaces", new.interfaces != old.interfaces),
+                ("xdp_mode", new.xdp_mode != old.xdp_mode),
+                ("pin_root", new.pin_root != old.pin_root),
+                ("socket", new.socket != old.socket),
+                ("metrics_address", new.metrics_address != old.metrics_address),
+            ] {
+                if changed {
+                    tracing::warn!("daemon.{what} changed; it takes effect at the next restart");
+                }
+            }
+            self.apply_config(&new)
+        });
+        match &result {
+            Ok(()) => {
+                self.reloads.ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("config reloaded");
+            }
+            Err(_) => {
+                self.reloads.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Writes ports, rate classes, program settings and the config's lists into the kernel. Validates all list
+    /// files before changing anything, so a bad file leaves the running state untouched.
+    fn apply_config(&mut self, config: &Config) -> anyhow::Result<()> {
+        let mut wanted: BTreeSet<(bool, IpNet)> = BTreeSet::new();
+        // Management networks are allowlisted in the kernel too, so nothing can ever drop them.
+        for net in config.allow.iter().chain(&config.management) {
+            wanted.insert((true, *net));
+        }
+        for net in &config.deny {
+            wanted.insert((false, *net));
+        }
+        for (files, allow) in [(&config.allow_files, true), (&config.deny_files, false)] {
+            for file in files {
+                for net in listfile::load(file).map_err(anyhow::Error::msg)? {
+                    wanted.insert((allow, net));
+                }
+            }
+        }
+        let maps = &mut self.enforcer.maps;
+        maps.set_protected_ports(&config.protected_ports)?;
+        for class in 0..detector_common::capacity::RATE_CLASSES {
+            let limits = match config.rate_classes.iter().find(|r| r.id as u32 == class) {
+                Some(r) => rate_class_limits(
+                    r.limits.packets_per_second,
+                    r.limits.packet_burst,
+                    r.limits.connections_per_second,
+                    r.limits.connection_burst,
+                ),
+                None => detector_common::RateClass::UNLIMITED,
+            };
+            maps.set_rate_class(class, limits)?;
+        }
+        maps.set_config(ProgramConfig {
+            drop_sample_every: config.drop_sample_every,
+            flags: CONFIG_FLAG_CONN_EVENTS,
+            test_now_ns: 0,
+        })?;
+        for (allow, net) in self.config_entries.difference(&wanted) {
+            maps.list_remove(if *allow { List::Allow } else { List::Deny }, *net)?;
+        }
+        for (allow, net) in &wanted {
+            maps.list_insert(if *allow { List::Allow } else { List::Deny }, *net, None)?;
+        }
+        self.config_entries = wanted;
+        self.enforcer.set_config(config.clone());
+        Ok(())
+    }
+
+    /// The `status` view.
+    pub fn status(&self) -> Result<Value, ControlError> {
+        let failed = |e: crate::maps::MapsError| ControlError::new(ErrorKind::Failed, e.to_string());
+        let maps = &self.enforcer.maps;
+        let counters = maps.counters().map_err(failed)?;
+        let config = self.enforcer.config();
+        let mut view = status_view(maps, &counters, attach::attachments());
+        let read = |k: EventKind| self.events.read[k as usize].load(Ordering::Relaxed);
+        view["daemon"] = json!({
+            "running": true,
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "program_id": self.program_id,
+            "config": self.config_path,
+            "dry_run": config.dry_run,
+            "protected_ports": config.protected_ports,
+            "events_read": { "conn": read(EventKind::Conn), "drop_sample": read(EventKind::Drop) },
+            "events_undecodable": self.events.undecodable.load(Ordering::Relaxed),
+            "reloads_ok": self.reloads.ok.load(Ordering::Relaxed),
+            "reloads_failed": self.reloads.failed.load(Ordering::Relaxed),
+        });
+        Ok(view)
+    }
+}
+
+/// Status fields that come from the kernel alone (shared by the daemon and the offline CLI).
+pub fn status_view(
+    maps: &KernelMaps,
+    counters: &crate::maps::CounterTotals,
+    attachments: Vec<attach::Attachment>,
+) -> Value {
+    let verdict_total = |v: Verdict| -> u64 {
+        Reason::ALL
+            .iter()
+            .filter(|r| r.verdict() == v)
+            .map(|r| counters.by_reason[*r as usize])
+            .sum()
+    };
+    let kinds = [EventKind::Conn, EventKind::Drop];
+    json!({
+        "attachments": attachments,
+        "packets": counters.packets(),
+        "passed": verdict_total(Verdict::Pass),
+        "dropped": verdict_total(Verdict::Drop),
+        "reasons": Reason::ALL.iter().map(|r| (r.name().to_string(), json!(counters.by_reason[*r as usize]))).collect::<serde_json::Map<_, _>>(),
+        "events_sent": kinds.iter().map(|k| (k.name().to_string(), json!(counters.events_sent[*k as usize]))).collect::<serde_json::Map<_, _>>(),
+        "events_lost": kinds.iter().map(|k| (k.name().to_string(), json!(counters.events_lost[*k as usize]))).collect::<serde_json::Map<_, _>>(),
+        "maps": maps.fill_levels().iter().map(|(n, used, cap)| json!({"name": n, "entries": used, "capacity": cap})).collect::<Vec<_>>(),
+    })
+}
+
+/// The `list` view (shared by the daemon and the offline CLI).
+pub fn list_view(maps: &KernelMaps, what: ListWhat) -> Result<Value, crate::maps::MapsError> {
+    let want = |w: ListWhat| what == ListWhat::All || what == w;
+    let mut lists = Vec::new();
+    if want(ListWhat::Allow) {
+        lists.extend(maps.list_entries(List::Allow)?);
+    }
+    if want(ListWhat::Deny) {
+        lists.extend(maps.list_entries(List::Deny)?);
+    }
+    let decisions = if want(ListWhat::Decisions) {
+        maps.decisions()?
+    } else {
+        Vec::new()
+    };
+    Ok(json!({ "lists": lists, "decisions": decisions }))
+}
+
+fn bad(message: impl Into<String>) -> ControlError {
+    ControlError::new(ErrorKind::BadRequest, message)
+}
+
+fn enforce_error(e: EnforceError) -> ControlError {
+    let kind = if e.is_refusal() {
+        ErrorKind::Refused
+    } else {
+        ErrorKind::Failed
+    };
+    ControlError::new(kind, e.to_string())
+}
+
+fn parse_action(action: &str) -> Result<Action, ControlError> {
+    match action {
+        "block" => Ok(Action::Block),
+        "throttle" => Ok(Action::Throttle),
+        "monitor" => Ok(Action::Monitor),
+        other => Err(bad(format!(
+            "unknown action '{other}' (block, throttle or monitor)"
+        ))),
+    }
+}
+
+fn ttl(secs: Option<u64>) -> Result<Option<Duration>, ControlError> {
+    match secs {
+        Some(0) => Err(bad("ttl_secs must be positive")),
+        other => Ok(other.map(Duration::from_secs)),
+    }
+}
+
+impl Handler for DaemonState {
+    fn handle(&mut self, request: Request) -> Result<Value, ControlError> {
+        match request {
+            Request::Status {} => self.status(),
+            Request::List { what } => list_view(&self.enforcer.maps, what)
+                .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string())),
+            Request::Decide {
+                target,
+                action,
+                class,
+                ttl_secs,
+                permanent,
+                reason,
+                force,
+            } => {
+                let request = DecisionRequest {
+                    target: parse_cidr(&target).map_err(bad)?,
+                    action: parse_action(&action)?,
+                    class,
+                    ttl: ttl(ttl_secs)?,
+                    permanent,
+                    reason,
+                    origin: Origin::Cli,
+                    force,
+                };
+                let applied = self.enforcer.decide(&request).map_err(enforce_error)?;
+                Ok(
+                    json!({ "target": request.target, "action": action, "ttl_secs": applied.map(|t| t.as_secs()) }),
+                )
+            }
+            Request::Remove { target } => {
+                let target = parse_cidr(&target).map_err(bad)?;
+                if self
+                    .enforcer
+                    .remove_decision(target, Origin::Cli, "")
+                    .map_err(enforce_error)?
+                {
+                    Ok(json!({ "target": target, "removed": true }))
+                } else {
+                    Err(ControlError::new(
+                        ErrorKind::NotFound,
+                        format!("{target} has no decision"),
+                    ))
+                }
+            }
+            Request::ListAdd {
+                list,
+                target,
+                ttl_secs,
+                force,
+            } => {
+                let target = parse_cidr(&target).map_err(bad)?;
+                self.enforcer
+                    .list_add(list, target, ttl(ttl_secs)?, Origin::Cli, force)
+                    .map_err(enforce_error)?;
+                Ok(json!({ "target": target, "list": list }))
+            }
+            Request::ListRemove { list, target } => {
+                let target = parse_cidr(&target).map_err(bad)?;
+                if self
+                    .enforcer
+                    .list_remove(list, target, Origin::Cli)
+                    .map_err(enforce_error)?
+                {
+                    Ok(json!({ "target": target, "list": list, "removed": true }))
+                } else {
+                    Err(ControlError::new(
+                        ErrorKind::NotFound,
+                        format!("{target} is not in that list"),
+                    ))
+                }
+            }
+            Request::Import {
+                into,
+                entries,
+                ttl_secs,
+                reason,
+                force,
+            } => self.import(into, &entries, ttl(ttl_secs)?, reason, force),
+            Request::Reload {} => self.reload().map(|()| json!({ "reloaded": true })).map_err(|e| {
+                ControlError::new(
+                    ErrorKind::BadRequest,
+                    format!("reload rejected, running config kept: {e:#}"),
+                )
+            }),
+        }
+    }
+}
+
+impl DaemonState {
+    fn import(
+        &mut self,
+        into: ImportInto,
+        entries: &[String],
+        ttl: Option<Duration>,
+        reason: String,
+        force: bool,
+    ) -> Result<Value, ControlError> {
+        let started = Instant::now();
+        let mut nets = Vec::with_capacity(entries.len());
+        let mut errors = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            match parse_cidr(entry) {
+                Ok(net) => nets.push(net),
+                Err(e) if errors.len() < 10 => errors.push(format!("entry {}: {e}", i + 1)),
+                Err(_) => {}
+            }
+        }
+        if !errors.is_empty() {
+            return Err(bad(format!(
+                "nothing imported; bad entries:\n{}",
+                errors.join("\n")
+            )));
+        }
+        let applied = match into {
+            ImportInto::Block => {
+                let requests: Vec<DecisionRequest> = nets
+                    .iter()
+                    .map(|&target| DecisionRequest {
+                        target,
+                        action: Action::Block,
+                        class: None,
+                        ttl,
+                        permanent: false,
+                        reason: reason.clone(),
+                        origin: Origin::Import,
+                        force,
+                    })
+                    .collect();
+                self.enforcer.decide_many(&requests).map_err(|(i, e)| {
+                    let mut err = enforce_error(e);
+                    err.message = format!(
+                        "entry {} ({}): {}; entries before it were applied",
+                        i + 1,
+                        nets[i],
+                        err.message
+                    );
+                    err
+                })?
+            }
+            ImportInto::Allow | ImportInto::Deny => {
+                let list = if into == ImportInto::Allow {
+                    List::Allow
+                } else {
+                    List::Deny
+                };
+                for (i, net) in nets.iter().enumerate() {
+                    self.enforcer
+                        .list_add(list, *net, ttl, Origin::Import, force)
+                        .map_err(|e| {
+                            let mut err = enforce_error(e);
+                            err.message = format!(
+                                "entry {} ({net}): {}; entries before it were applied",
+                                i + 1,
+                                err.message
+                            );
+                            err
+                        })?;
+                }
+                nets.len()
+            }
+        };
+        Ok(json!({ "imported": applied, "seconds": started.elapsed().as_secs_f64() }))
+    }
+}
+
+fn log_counters(last: &crate::maps::CounterTotals, now: &crate::maps::CounterTotals) {
+    let delta = |r: &Reason| now.by_reason[*r as usize].saturating_sub(last.by_reason[*r as usize]);
+    let packets: u64 = Reason::ALL.iter().map(delta).sum();
     let dropped: u64 = Reason::ALL
         .iter()
-        .filter(|r| r.verdict() == detector_common::Verdict::Drop)
-        .map(|r| delta(*r as usize))
+        .filter(|r| r.verdict() == Verdict::Drop)
+        .map(delta)
         .sum();
-    let top: Vec<String> = Reason::ALL
+    let reasons: Vec<String> = Reason::ALL
         .iter()
-        .filter(|r| delta(**r as usize) > 0)
-        .map(|r| format!("{}={}", r.name(), delta(*r as usize)))
+        .filter(|r| delta(r) > 0)
+        .map(|r| format!("{}={}", r.name(), delta(r)))
         .collect();
     tracing::info!(
         packets,
         dropped,
-        reasons = %top.join(" "),
-        events_read = ?events_read,
+        reasons = %reasons.join(" "),
         events_lost = ?now.events_lost,
-        undecodable,
         "counters since last report"
     );
 }

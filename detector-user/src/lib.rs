@@ -13,8 +13,13 @@
 
 pub mod attach;
 pub mod clock;
+pub mod config;
+pub mod control;
 pub mod daemon;
+pub mod enforce;
 pub mod events;
+pub mod listfile;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod paths;

@@ -54,7 +54,7 @@ pub enum Slot {
 }
 
 /// The allowlist or the denylist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum List {
     Allow,

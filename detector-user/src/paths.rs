@@ -15,6 +15,28 @@ pub const BPFFS_DEFAULT_MOUNT: &str = "/sys/fs/bpf";
 /// aqd's directory under the bpffs mount; the versioned directory goes below it.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/aqd";
 
+/// The control socket of the daemon (root-only unless a group is configured).
+pub const DEFAULT_SOCKET: &str = "/run/aqd/aqd.sock";
+/// Append-only JSON-lines log of every decision change.
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/aqd/audit.jsonl";
+
+/// The control socket of the daemon that uses `pin_root`: the default socket for the default pin root, and a
+/// socket named after the pin root otherwise, so several aqd instances (labs, tests) never share one.
+pub fn socket_for_pin_root(pin_root: &Path) -> PathBuf {
+    if pin_root == Path::new(DEFAULT_PIN_ROOT) {
+        return PathBuf::from(DEFAULT_SOCKET);
+    }
+    // FNV-1a: a short stable name; sun_path is limited to 108 bytes, so the path itself cannot be used.
+    let hash = pin_root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    PathBuf::from(format!("/run/aqd/aqd-{hash:016x}.sock"))
+}
+
 /// The versioned pin directory under a pin root (`<root>/v<N>`).
 pub fn versioned_pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))

@@ -1,0 +1,533 @@
+//! The daemon's TOML configuration: parsing, defaults, validation.
+//!
+//! Two stages (as ripgrep does with arguments): [`RawConfig`] is what serde reads, with source spans kept for
+//! every value a person can get wrong; [`Config::from_toml`] validates it into typed values. Every error names
+//! the file, the line and the field. A reload that fails validation is rejected and the running config kept.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::{attach::AttachMode, paths};
+
+/// Where `aqd run` reads its config unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/aqd/aqd.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax errors and unknown or mistyped fields (the toml crate names the line, column and field).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value that parsed but is not acceptable.
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// A rate class as written in the config: rates per second and bursts. 0 = unlimited.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub packets_per_second: u32,
+    pub packet_burst: u32,
+    pub connections_per_second: u32,
+    pub connection_burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    protection: RawProtection,
+    #[serde(default)]
+    rate_classes: BTreeMap<String, Spanned<RawRateClass>>,
+    #[serde(default)]
+    lists: RawLists,
+    #[serde(default)]
+    decisions: RawDecisions,
+    #[serde(default)]
+    events: RawEvents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    xdp_mode: Option<AttachMode>,
+    pin_root: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    socket_group: Option<Spanned<String>>,
+    audit_log: Option<PathBuf>,
+    metrics_address: Option<Spanned<String>>,
+    stats_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtection {
+    ports: Option<Spanned<Vec<u16>>>,
+    #[serde(default)]
+    management: Vec<Spanned<String>>,
+    min_block_prefix_v4: Option<Spanned<u8>>,
+    min_block_prefix_v6: Option<Spanned<u8>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateClass {
+    id: u8,
+    #[serde(flatten)]
+    limits: RateLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLists {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_files: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    deny_files: Vec<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecisions {
+    default_ttl: Option<Spanned<String>>,
+    ttl_jitter: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    drop_sample_every: Option<u32>,
+}
+
+/// A named rate class.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RateClassConfig {
+    pub name: String,
+    pub id: u8,
+    pub limits: RateLimits,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: AttachMode,
+    pub pin_root: PathBuf,
+    pub socket: PathBuf,
+    /// Group allowed to use the control socket (besides root); None = root only.
+    pub socket_group: Option<String>,
+    pub audit_log: PathBuf,
+    pub metrics_address: Option<SocketAddr>,
+    pub stats_interval: Duration,
+    /// Compute and show decisions, enforce none (model decisions only; manual ones are always enforced).
+    pub dry_run: bool,
+    pub protected_ports: Vec<u16>,
+    /// Networks that can never be blocked or throttled (the operator's own access).
+    pub management: Vec<IpNet>,
+    pub min_block_prefix_v4: u8,
+    pub min_block_prefix_v6: u8,
+    /// Rate classes by name; id 0 ("default") applies to every source without a decision.
+    pub rate_classes: Vec<RateClassConfig>,
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    pub allow_files: Vec<PathBuf>,
+    pub deny_files: Vec<PathBuf>,
+    pub default_ttl: Duration,
+    /// Expiries are spread by up to this fraction of the TTL so a bulk import never expires in one second.
+    pub ttl_jitter: f64,
+    pub drop_sample_every: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_toml("", Path::new("<defaults>")).expect("the empty config is valid")
+    }
+}
+
+/// Maps byte offsets to 1-based line numbers.
+struct Lines<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Lines<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn invalid(&self, span: Range<usize>, field: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.line(span),
+            field: field.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Validates config text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let lines = Lines { text, path };
+
+        let interfaces = raw
+            .daemon
+            .interfaces
+            .iter()
+            .map(|i| i.get_ref().clone())
+            .collect();
+        for iface in &raw.daemon.interfaces {
+            let name = iface.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(lines.invalid(
+                    iface.span(),
+                    "daemon.interfaces",
+                    format!("'{name}' is not an interface name"),
+                ));
+            }
+        }
+        let metrics_address = match &raw.daemon.metrics_address {
+            None => None,
+            Some(a) if a.get_ref().is_empty() => None,
+            Some(a) => Some(a.get_ref().parse::<SocketAddr>().map_err(|_| {
+                lines.invalid(
+                    a.span(),
+                    "daemon.metrics_address",
+                    format!("'{}' is not an address:port", a.get_ref()),
+                )
+            })?),
+        };
+        let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(s.get_ref()).map_err(|m| lines.invalid(s.span(), field, m)),
+        };
+        let stats_interval = duration(
+            &raw.daemon.stats_interval,
+            "daemon.stats_interval",
+            Duration::from_secs(10),
+        )?;
+        let default_ttl = duration(
+            &raw.decisions.default_ttl,
+            "decisions.default_ttl",
+            Duration::from_secs(4 * 3600),
+        )?;
+        let ttl_jitter = match &raw.decisions.ttl_jitter {
+            None => 0.1,
+            Some(j) if (0.0..=0.5).contains(j.get_ref()) => *j.get_ref(),
+            Some(j) => {
+                return Err(lines.invalid(j.span(), "decisions.ttl_jitter", "must be between 0.0 and 0.5"));
+            }
+        };
+
+        let protected_ports = match &raw.protection.ports {
+            None => vec![443],
+            Some(p) if p.get_ref().is_empty() || p.get_ref().contains(&0) => {
+                return Err(lines.invalid(
+                    p.span(),
+                    "protection.ports",
+                    "list at least one port, each 1-65535",
+                ));
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let cidrs = |items: &[Spanned<String>], field: &str| -> Result<Vec<IpNet>, ConfigError> {
+            items
+                .iter()
+                .map(|s| parse_cidr(s.get_ref()).map_err(|m| lines.invalid(s.span(), field, m)))
+                .collect()
+        };
+        let management = cidrs(&raw.protection.management, "protection.management")?;
+        let prefix = |v: &Option<Spanned<u8>>, field: &str, default: u8, max: u8| match v {
+            None => Ok(default),
+            Some(p) if *p.get_ref() <= max => Ok(*p.get_ref()),
+            Some(p) => Err(lines.invalid(p.span(), field, format!("must be at most {max}"))),
+        };
+        let min_block_prefix_v4 = prefix(
+            &raw.protection.min_block_prefix_v4,
+            "protection.min_block_prefix_v4",
+            16,
+            32,
+        )?;
+        let min_block_prefix_v6 = prefix(
+            &raw.protection.min_block_prefix_v6,
+            "protection.min_block_prefix_v6",
+            48,
+            128,
+        )?;
+
+        let mut rate_classes = vec![RateClassConfig {
+            name: "default".into(),
+            id: 0,
+            limits: RateLimits::default(),
+        }];
+        let mut throttle_defined = false;
+        for (name, class) in &raw.rate_classes {
+            let field = format!("rate_classes.{name}");
+            let c = class.get_ref();
+            if c.id as u32 >= detector_common::capacity::RATE_CLASSES {
+                return Err(lines.invalid(
+                    class.span(),
+                    &field,
+                    format!(
+                        "id {} is out of range (0..{})",
+                        c.id,
+                        detector_common::capacity::RATE_CLASSES
+                    ),
+                ));
+            }
+            if (name == "default") != (c.id == 0) {
+                return Err(lines.invalid(
+                    class.span(),
+                    &field,
+                    "id 0 is the class named \"default\", and only it",
+                ));
+            }
+            if let Some(other) = rate_classes.iter().find(|r| r.id == c.id && r.name != "default") {
+                return Err(lines.invalid(
+                    class.span(),
+                    &field,
+                    format!("id {} is also used by {}", c.id, other.name),
+                ));
+            }
+            throttle_defined |= name == "throttle";
+            let entry = RateClassConfig {
+                name: name.clone(),
+                id: c.id,
+                limits: c.limits,
+            };
+            match rate_classes.iter_mut().find(|r| r.id == c.id) {
+                Some(existing) => *existing = entry,
+                None => rate_classes.push(entry),
+            }
+        }
+        if !throttle_defined && !rate_classes.iter().any(|r| r.id == 1) {
+            rate_classes.push(RateClassConfig {
+                name: "throttle".into(),
+                id: 1,
+                limits: RateLimits {
+                    packets_per_second: 50,
+                    packet_burst: 100,
+                    connections_per_second: 5,
+                    connection_burst: 10,
+                },
+            });
+        }
+        rate_classes.sort_by_key(|r| r.id);
+
+        let allow = cidrs(&raw.lists.allow, "lists.allow")?;
+        let deny = cidrs(&raw.lists.deny, "lists.deny")?;
+        let files = |v: &[Spanned<PathBuf>]| v.iter().map(|p| p.get_ref().clone()).collect::<Vec<_>>();
+
+        Ok(Self {
+            interfaces,
+            xdp_mode: raw.daemon.xdp_mode.unwrap_or(AttachMode::Native),
+            pin_root: raw
+                .daemon
+                .pin_root
+                .unwrap_or_else(|| PathBuf::from(paths::DEFAULT_PIN_ROOT)),
+            socket: raw
+                .daemon
+                .socket
+                .unwrap_or_else(|| PathBuf::from(paths::DEFAULT_SOCKET)),
+            socket_group: raw
+                .daemon
+                .socket_group
+                .map(|g| g.into_inner())
+                .filter(|g| !g.is_empty()),
+            audit_log: raw
+                .daemon
+                .audit_log
+                .unwrap_or_else(|| PathBuf::from(paths::DEFAULT_AUDIT_LOG)),
+            metrics_address,
+            stats_interval,
+            dry_run: raw.daemon.dry_run,
+            protected_ports,
+            management,
+            min_block_prefix_v4,
+            min_block_prefix_v6,
+            rate_classes,
+            allow,
+            deny,
+            allow_files: files(&raw.lists.allow_files),
+            deny_files: files(&raw.lists.deny_files),
+            default_ttl,
+            ttl_jitter,
+            drop_sample_every: raw.events.drop_sample_every.unwrap_or(64),
+        })
+    }
+
+    /// The rate class with this name, or this numeric id.
+    pub fn rate_class(&self, name_or_id: &str) -> Option<&RateClassConfig> {
+        self.rate_classes
+            .iter()
+            .find(|r| r.name == name_or_id || r.id.to_string() == name_or_id)
+    }
+}
+
+/// A CIDR or a bare address; host bits set is an error (a typo more often than intent).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match s.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => {
+                return Err(format!(
+                    "'{s}' is not an IP address or CIDR prefix (e.g. 192.0.2.0/24, 2001:db8::1)"
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!("'{s}' has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// `90`, `30s`, `10m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 30s, 10m, 2h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h or d)")),
+    };
+    if secs == 0 {
+        return Err(format!("'{s}': must be positive"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, Path::new("/etc/aqd/aqd.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::default();
+        assert_eq!(c.protected_ports, vec![443]);
+        assert_eq!(c.xdp_mode, AttachMode::Native);
+        assert_eq!(
+            c.rate_classes[0].limits,
+            RateLimits::default(),
+            "sources without a decision are not limited"
+        );
+        assert!(c.rate_class("throttle").is_some());
+        assert!(!c.dry_run);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../packaging/aqd.toml");
+        let c = Config::from_toml(text, Path::new("packaging/aqd.toml")).unwrap();
+        assert!(!c.interfaces.is_empty());
+    }
+
+    #[test]
+    fn bad_cidr_names_file_line_and_field() {
+        let e = err("[lists]\nallow = [\"10.0.0.0/8\",\n  \"10.1.2.3/33\"]\n");
+        assert!(e.starts_with("/etc/aqd/aqd.toml:3: lists.allow:"), "{e}");
+        assert!(e.contains("10.1.2.3/33"), "{e}");
+    }
+
+    #[test]
+    fn host_bits_suggest_the_network() {
+        let e = err("[protection]\nmanagement = [\"192.0.2.5/24\"]\n");
+        assert!(
+            e.contains(":2: protection.management") && e.contains("192.0.2.0/24"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err("[daemon]\ninterfacez = [\"eth0\"]\n");
+        assert!(e.contains("interfacez") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err("[protection]\nports = \"443\"\n");
+        assert!(e.contains("ports") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_ranges() {
+        assert!(err("[decisions]\ndefault_ttl = \"4 hours\"\n").contains(":2: decisions.default_ttl"));
+        assert!(err("[protection]\nports = [0]\n").contains("protection.ports"));
+        assert!(err("[decisions]\nttl_jitter = 0.9\n").contains("decisions.ttl_jitter"));
+        assert!(err("[daemon]\nmetrics_address = \"localhost\"\n").contains("daemon.metrics_address"));
+        assert!(err("[rate_classes.slow]\nid = 99\n").contains("rate_classes.slow"));
+        assert!(err("[rate_classes.slow]\nid = 0\n").contains("only it"));
+    }
+
+    #[test]
+    fn rate_classes_by_name_or_id() {
+        let c = Config::from_toml(
+            "[rate_classes.default]\nid = 0\npackets_per_second = 1000\npacket_burst = 2000\n\
+             [rate_classes.crawler]\nid = 2\npackets_per_second = 5\npacket_burst = 5\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.rate_class("default").unwrap().limits.packets_per_second, 1000);
+        assert_eq!(c.rate_class("2").unwrap().name, "crawler");
+        assert_eq!(c.rate_class("throttle").unwrap().id, 1);
+    }
+}

@@ -1,0 +1,396 @@
+//! The control socket: a versioned JSON-lines protocol over a Unix socket, its server and its client.
+//!
+//! One request per connection, one line each way:
+//! ```text
+//! → {"version":1,"cmd":"decide","target":"192.0.2.7","action":"block","ttl_secs":600,"reason":"scraper"}
+//! ← {"version":1,"ok":true,"result":{...}}
+//! ← {"version":1,"ok":false,"error":{"kind":"refused","message":"refusing to block ..."}}
+//! ```
+//! Malformed, oversized, unknown or wrong-version requests get an error reply; a client can never take the
+//! daemon down. The socket is root-only (0600), or 0660 with a configured group.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+};
+
+use crate::maps::List;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest request accepted (an import of ~500k entries fits).
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the CLI asks the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    // Struct variants, even when empty: serde ignores unknown fields of unit variants.
+    Status {},
+    List {
+        what: ListWhat,
+    },
+    /// block / throttle / monitor.
+    Decide {
+        target: String,
+        action: String,
+        #[serde(default)]
+        class: Option<String>,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        permanent: bool,
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// unblock.
+    Remove {
+        target: String,
+    },
+    ListAdd {
+        list: List,
+        target: String,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        force: bool,
+    },
+    ListRemove {
+        list: List,
+        target: String,
+    },
+    /// Bulk: every entry into the allowlist, the denylist, or block decisions.
+    Import {
+        into: ImportInto,
+        entries: Vec<String>,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Reload {},
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ListWhat {
+    All,
+    Allow,
+    Deny,
+    Decisions,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportInto {
+    Allow,
+    Deny,
+    Block,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RequestEnvelope {
+    version: u32,
+    #[serde(flatten)]
+    request: Request,
+}
+
+/// Failure classes, also the CLI's exit codes.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request could not be understood (malformed, oversized, unknown, wrong version, bad value).
+    BadRequest,
+    /// Understood but refused (lockout guard).
+    Refused,
+    /// Nothing to do (e.g. no such decision).
+    NotFound,
+    /// Applying it failed.
+    Failed,
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Failed => 1,
+            Self::BadRequest | Self::Refused => 2,
+            Self::NotFound => 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Error)]
+#[error("{message}")]
+pub struct ControlError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ResponseEnvelope {
+    version: u32,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<ControlError>,
+}
+
+/// Handles one request; implemented by the daemon.
+pub trait Handler: Send + 'static {
+    fn handle(&mut self, request: Request) -> Result<Value, ControlError>;
+}
+
+/// Serves connections on a bound socket until the task is dropped.
+pub async fn serve_listener<H: Handler>(
+    listener: UnixListener,
+    handler: Arc<Mutex<H>>,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, handler).await {
+                tracing::debug!(error = %e, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the control socket (replacing a stale one) with root-only (or group) permissions.
+pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    let mode = match group {
+        Some(group) => {
+            let gid = group_id(group).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("socket_group '{group}' does not exist"),
+                )
+            })?;
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam returns a pointer to static storage or null; we only read gr_gid at once.
+    let entry = unsafe { libc::getgrnam(c.as_ptr()) };
+    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
+}
+
+async fn serve_one<H: Handler>(
+    stream: tokio::net::UnixStream,
+    handler: Arc<Mutex<H>>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let response = match read {
+        Err(_) => Err(ControlError::new(
+            ErrorKind::BadRequest,
+            "timed out waiting for the request",
+        )),
+        Ok(Err(e)) => Err(ControlError::new(
+            ErrorKind::BadRequest,
+            format!("reading the request: {e}"),
+        )),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Err(ControlError::new(
+            ErrorKind::BadRequest,
+            format!("request larger than {MAX_REQUEST_BYTES} bytes"),
+        )),
+        Ok(Ok(_)) => match decode_request(&line) {
+            Ok(request) => {
+                // Map writes are quick syscalls; a blocking section keeps the runtime's other tasks moving.
+                let handler = Arc::clone(&handler);
+                tokio::task::spawn_blocking(move || {
+                    handler
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .handle(request)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ControlError::new(
+                        ErrorKind::Failed,
+                        format!("handler panicked: {e}"),
+                    ))
+                })
+            }
+            Err(e) => Err(e),
+        },
+    };
+    write.write_all(&encode_response(response)).await?;
+    write.shutdown().await
+}
+
+/// Parses one request line (pure; fuzzable).
+pub fn decode_request(line: &[u8]) -> Result<Request, ControlError> {
+    let mut value: Value = serde_json::from_slice(line)
+        .map_err(|e| ControlError::new(ErrorKind::BadRequest, format!("malformed JSON: {e}")))?;
+    let version = value
+        .as_object_mut()
+        .and_then(|o| o.remove("version"))
+        .and_then(|v| v.as_u64());
+    if version != Some(PROTOCOL_VERSION as u64) {
+        return Err(ControlError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "unsupported protocol version {}; this daemon speaks {PROTOCOL_VERSION} (is the CLI from another aqd release?)",
+                version.map(|v| v.to_string()).unwrap_or_else(|| "(none)".into())
+            ),
+        ));
+    }
+    // Deserialized without the envelope so unknown fields are rejected (serde's flatten would accept them).
+    serde_json::from_value(value)
+        .map_err(|e| ControlError::new(ErrorKind::BadRequest, format!("invalid request: {e}")))
+}
+
+fn encode_response(response: Result<Value, ControlError>) -> Vec<u8> {
+    let envelope = match response {
+        Ok(result) => ResponseEnvelope {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        },
+        Err(error) => ResponseEnvelope {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(error),
+        },
+    };
+    let mut out = serde_json::to_vec(&envelope).expect("responses serialize");
+    out.push(b'\n');
+    out
+}
+
+/// Why the client could not get an answer.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// No daemon is listening (socket missing or connection refused).
+    #[error("the aqd daemon is not running (no socket at {path})")]
+    NotRunning { path: String },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad response from the daemon: {0}")]
+    BadResponse(String),
+    #[error(transparent)]
+    Daemon(#[from] ControlError),
+}
+
+/// Sends one request and waits for the answer (blocking; the CLI is synchronous).
+pub fn call(path: &Path, request: &Request) -> Result<Value, ClientError> {
+    let display = path.display().to_string();
+    let mut stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ClientError::NotRunning { path: display });
+        }
+        Err(source) => {
+            return Err(ClientError::Io {
+                path: display,
+                source,
+            });
+        }
+    };
+    let io = |source| ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(&RequestEnvelope {
+        version: PROTOCOL_VERSION,
+        request: request.clone(),
+    })
+    .expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    let envelope: ResponseEnvelope =
+        serde_json::from_str(&reply).map_err(|e| ClientError::BadResponse(format!("{e}: {reply:?}")))?;
+    match (envelope.ok, envelope.result, envelope.error) {
+        (true, Some(result), _) => Ok(result),
+        (false, _, Some(error)) => Err(ClientError::Daemon(error)),
+        _ => Err(ClientError::BadResponse(reply)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_versioned_request() {
+        let r =
+            decode_request(br#"{"version":1,"cmd":"decide","target":"192.0.2.1","action":"block"}"#).unwrap();
+        assert!(matches!(r, Request::Decide { ref target, .. } if target == "192.0.2.1"));
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_a_reason() {
+        for (line, needle) in [
+            (&b"{not json"[..], "malformed JSON"),
+            (br#"{"cmd":"status"}"#, "protocol version (none)"),
+            (br#"{"version":7,"cmd":"status"}"#, "version 7"),
+            (br#"{"version":1,"cmd":"format_disk"}"#, "invalid request"),
+            (br#"{"version":1,"cmd":"remove"}"#, "target"),
+            (br#"{"version":1,"cmd":"status","extra":1}"#, "invalid request"),
+        ] {
+            let e = decode_request(line).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Decisions → kernel maps: the single writer while the daemon runs.
+//!
+//! Every change (CLI, import, model, config) goes through [`Enforcer`], which
+//! - refuses what would lock the operator out (management networks, allowlisted sources, prefixes shorter than
+//!   the configured minimum) unless forced — and never blocks a management network, forced or not;
+//! - spreads expiries with jitter so a bulk import never expires in one second;
+//! - appends every change to the audit log (JSON lines).
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use detector_common::{Action, Origin};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::{
+    config::Config,
+    maps::{KernelMaps, List, MapsError, action_name, origin_name},
+};
+
+#[derive(Debug, Error)]
+pub enum EnforceError {
+    #[error(
+        "refusing to {action} {target}: it overlaps the management network {network}, which is never blocked"
+    )]
+    Management {
+        action: &'static str,
+        target: IpNet,
+        network: IpNet,
+    },
+    #[error(
+        "refusing to {action} {target}: it overlaps the allowlist entry {entry}; remove that first or use --force"
+    )]
+    Allowlisted {
+        action: &'static str,
+        target: IpNet,
+        entry: IpNet,
+    },
+    #[error(
+        "refusing to {action} {target}: prefixes shorter than /{min} need --force (this one covers {count} addresses)"
+    )]
+    TooBroad {
+        action: &'static str,
+        target: IpNet,
+        min: u8,
+        count: String,
+    },
+    #[error("unknown rate class '{0}' (see the rate_classes section of the config)")]
+    UnknownClass(String),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl EnforceError {
+    /// Whether the request was refused as given (vs. a failure applying it).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Management { .. }
+                | Self::Allowlisted { .. }
+                | Self::TooBroad { .. }
+                | Self::UnknownClass(_)
+        ) || matches!(
+            self,
+            Self::Maps(
+                MapsError::HostBits { .. } | MapsError::DecisionScope { .. } | MapsError::RateClass { .. }
+            )
+        )
+    }
+}
+
+/// A decision to apply.
+#[derive(Clone, Debug)]
+pub struct DecisionRequest {
+    pub target: IpNet,
+    pub action: Action,
+    /// Rate class name or id (throttle only); default "throttle".
+    pub class: Option<String>,
+    /// None = the configured default TTL; Some(ZERO) is not allowed (permanent = `permanent: true`).
+    pub ttl: Option<Duration>,
+    pub permanent: bool,
+    pub reason: String,
+    pub origin: Origin,
+    pub force: bool,
+}
+
+/// One line of the audit log.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AuditRecord {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub origin: String,
+    pub target: String,
+    /// block, throttle, monitor, unblock, allow, disallow, deny, undeny.
+    pub action: String,
+    /// Seconds; None = permanent or not applicable.
+    pub ttl: Option<u64>,
+    pub reason: String,
+}
+
+/// Appends JSON lines; opened once, flushed per record.
+pub struct AuditLog {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl AuditLog {
+    /// Opens (creating directories) the audit log for appending.
+    pub fn open(path: &Path) -> Result<Self, EnforceError> {
+        let err = |source| EnforceError::Audit {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
+    /// An audit log that records nothing (tests, dry tools).
+    pub fn disabled() -> Self {
+        Self {
+            path: PathBuf::new(),
+            file: None,
+        }
+    }
+
+    pub fn append(&mut self, record: &AuditRecord) -> Result<(), EnforceError> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        let mut line = serde_json::to_vec(record).expect("audit records serialize");
+        line.push(b'\n');
+        file.write_all(&line).map_err(|source| EnforceError::Audit {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// The single writer of decisions and list entries.
+pub struct Enforcer {
+    pub maps: KernelMaps,
+    audit: AuditLog,
+    config: Config,
+    /// Source of jitter: a cheap xorshift, reseeded from the clock (no need for cryptographic randomness).
+    jitter_state: u64,
+}
+
+impl Enforcer {
+    pub fn new(maps: KernelMaps, audit: AuditLog, config: Config) -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Self {
+            maps,
+            audit,
+            config,
+            jitter_state: seed,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn set_config(&mut self, config: Config) {
+        self.config = config;
+    }
+
+    /// Applies a decision after the lockout checks.
+    pub fn decide(&mut self, request: &DecisionRequest) -> Result<Option<Duration>, EnforceError> {
+        let allowlist = self.allowlist()?;
+        self.decide_with(request, &allowlist)
+    }
+
+    /// Applies many decisions with one allowlist snapshot; stops at the first refusal or failure and says
+    /// which entry it was. Returns how many were applied.
+    pub fn decide_many(&mut self, requests: &[DecisionRequest]) -> Result<usize, (usize, EnforceError)> {
+        let allowlist = self.allowlist().map_err(|e| (0, e))?;
+        for (i, request) in requests.iter().enumerate() {
+            self.check_lockout_with(
+                request.target,
+                action_name(Some(request.action)),
+                request.force,
+                &allowlist,
+            )
+            .map_err(|e| (i, e))?;
+        }
+        for (i, request) in requests.iter().enumerate() {
+            self.decide_with(request, &allowlist).map_err(|e| (i, e))?;
+        }
+        Ok(requests.len())
+    }
+
+    /// The current allowlist (exact and prefix entries).
+    pub fn allowlist(&self) -> Result<Vec<IpNet>, EnforceError> {
+        Ok(self
+            .maps
+            .list_entries(List::Allow)?
+            .into_iter()
+            .map(|e| e.net)
+            .collect())
+    }
+
+    fn decide_with(
+        &mut self,
+        request: &DecisionRequest,
+        allowlist: &[IpNet],
+    ) -> Result<Option<Duration>, EnforceError> {
+        let action = action_name(Some(request.action));
+        self.check_lockout_with(request.target, action, request.force, allowlist)?;
+        let class = match request.action {
+            Action::Throttle => {
+                let name = request.class.as_deref().unwrap_or("throttle");
+                self.config
+                    .rate_class(name)
+                    .ok_or_else(|| EnforceError::UnknownClass(name.to_string()))?
+                    .id
+            }
+            _ => 0,
+        };
+        let ttl = if request.permanent {
+            None
+        } else {
+            Some(self.jittered(request.ttl.unwrap_or(self.config.default_ttl)))
+        };
+        self.maps
+            .decision_insert(request.target, request.action, class, 0, request.origin, ttl)?;
+        self.audit(request.origin, request.target, action, ttl, &request.reason)?;
+        Ok(ttl)
+    }
+
+    /// Removes the decision on `target`; `Ok(false)` if there was none.
+    pub fn remove_decision(
+        &mut self,
+        target: IpNet,
+        origin: Origin,
+        reason: &str,
+    ) -> Result<bool, EnforceError> {
+        let removed = self.maps.decision_remove(target)?;
+        if removed {
+            self.audit(origin, target, "unblock", None, reason)?;
+        }
+        Ok(removed)
+    }
+
+    /// Adds to the allowlist or denylist. Denying is subject to the same lockout checks as blocking.
+    pub fn list_add(
+        &mut self,
+        list: List,
+        target: IpNet,
+        ttl: Option<Duration>,
+        origin: Origin,
+        force: bool,
+    ) -> Result<(), EnforceError> {
+        let verb = match list {
+            List::Allow => "allow",
+            List::Deny => "deny",
+        };
+        if list == List::Deny {
+            let allowlist = self.allowlist()?;
+            self.check_lockout_with(target, verb, force, &allowlist)?;
+        }
+        let ttl = ttl.map(|t| self.jittered(t));
+        self.maps.list_insert(list, target, ttl)?;
+        self.audit(origin, target, verb, ttl, "")
+    }
+
+    pub fn list_remove(&mut self, list: List, target: IpNet, origin: Origin) -> Result<bool, EnforceError> {
+        let removed = self.maps.list_remove(list, target)?;
+        if removed {
+            let verb = match list {
+                List::Allow => "disallow",
+                List::Deny => "undeny",
+            };
+            self.audit(origin, target, verb, None, "")?;
+        }
+        Ok(removed)
+    }
+
+    /// The lockout guard. Management networks are absolute; the allowlist and minimum prefix yield to `force`.
+    pub fn check_lockout_with(
+        &self,
+        target: IpNet,
+        action: &'static str,
+        force: bool,
+        allowlist: &[IpNet],
+    ) -> Result<(), EnforceError> {
+        if let Some(network) = self.config.management.iter().find(|m| overlaps(**m, target)) {
+            return Err(EnforceError::Management {
+                action,
+                target,
+                network: *network,
+            });
+        }
+        if force {
+            return Ok(());
+        }
+        if let Some(entry) = allowlist.iter().find(|e| overlaps(**e, target)) {
+            return Err(EnforceError::Allowlisted {
+                action,
+                target,
+                entry: *entry,
+            });
+        }
+        let (len, min, bits) = match target {
+            IpNet::V4(n) => (n.prefix_len(), self.config.min_block_prefix_v4, 32),
+            IpNet::V6(n) => (n.prefix_len(), self.config.min_block_prefix_v6, 128),
+        };
+        if len < min {
+            let count = match bits - len {
+                s if s >= 64 => format!("2^{s}"),
+                s => (1u64 << s).to_string(),
+            };
+            return Err(EnforceError::TooBroad {
+                action,
+                target,
+                min,
+                count,
+            });
+        }
+        Ok(())
+    }
+
+    fn jittered(&mut self, ttl: Duration) -> Duration {
+        let spread = self.config.ttl_jitter;
+        if spread <= 0.0 {
+            return ttl;
+        }
+        // xorshift64*: enough to spread expiries; not a security boundary.
+        self.jitter_state ^= self.jitter_state >> 12;
+        self.jitter_state ^= self.jitter_state << 25;
+        self.jitter_state ^= self.jitter_state >> 27;
+        let unit = (self.jitter_state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+        ttl.mul_f64(1.0 - spread * unit).max(Duration::from_secs(1))
+    }
+
+    fn audit(
+        &mut self,
+        origin: Origin,
+        target: IpNet,
+        action: &str,
+        ttl: Option<Duration>,
+        reason: &str,
+    ) -> Result<(), EnforceError> {
+        let time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.audit.append(&AuditRecord {
+            time,
+            origin: origin_name(Some(origin)).to_string(),
+            target: target.to_string(),
+            action: action.to_string(),
+            ttl: ttl.map(|t| t.as_secs()),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// Whether two networks share any address (one contains the other).
+pub fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_is_symmetric_and_family_aware() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(overlaps(n("10.0.0.0/8"), n("10.1.2.3/32")));
+        assert!(overlaps(n("10.1.2.3/32"), n("10.0.0.0/8")));
+        assert!(!overlaps(n("10.0.0.0/8"), n("11.0.0.0/8")));
+        assert!(!overlaps(n("::ffff:10.0.0.0/104"), n("10.0.0.0/8")));
+    }
+}
