@@ -24,6 +24,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
+use aya_log_ebpf::warn;
 use core::mem::size_of;
 use detector_common::{
     Action, AddrKey, Bucket, CONFIG_FLAG_CONN_EVENTS, Config, ConnEvent, Counters, Decision, DropEvent,
@@ -142,7 +143,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Cloc
         return pass_reason;
     }
     let is_syn = packet.flow.proto == IPPROTO_TCP && packet.tcp_syn && !packet.tcp_ack;
-    if let Some(drop) = rate_limit(src, rate_class, is_syn, clock) {
+    if let Some(drop) = rate_limit(ctx, src, rate_class, is_syn, clock) {
         return drop;
     }
     if is_syn && config.flags & CONFIG_FLAG_CONN_EVENTS != 0 {
@@ -206,7 +207,13 @@ fn live_decision(map: &HashMap<AddrKey, Decision>, key: &AddrKey, clock: &mut Cl
 /// conforms when it arrives no earlier than TAT minus the burst tolerance. No division, one u64 per limit.
 /// The bucket is read-modify-written without atomics: two CPUs racing on one source may admit one extra packet.
 #[inline(always)]
-fn rate_limit(src: &AddrKey, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
+fn rate_limit(
+    ctx: &XdpContext,
+    src: &AddrKey,
+    class: u32,
+    is_syn: bool,
+    clock: &mut Clock,
+) -> Option<Reason> {
     let limits = RATE_CLASSES.get(class)?;
     let limit_packets = limits.packet_interval_ns != 0;
     let limit_conns = is_syn && limits.conn_interval_ns != 0;

@@ -138,6 +138,14 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         test_clock: false,
     })
     .context("loading the XDP program")?;
+    // Kernel log records (aya-log) go to the `log` facade, which tracing-subscriber forwards to tracing.
+    let mut kernel_log = aya_log::EbpfLogger::init(&mut ebpf).context("aya-log")?;
+    let kernel_log_fd = kernel_log.as_fd().try_clone_to_owned()?;
+    // SAFETY: the duplicated fd is owned by the AsyncFd for its whole registration.
+    let kernel_log_fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(kernel_log_fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let audit = AuditLog::open(&config.audit_log)?;
     let events = Arc::new(EventStats::default());
@@ -200,6 +208,11 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             batch = reader.next_batch(|event| record_event(&events, &event)) => {
                 batch.context("reading the event ring buffer")?;
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
+            }
+            readable = kernel_log_fd.readable() => {
+                let mut guard = readable?;
+                kernel_log.flush();
+                guard.clear_ready();
             }
             _ = stats.tick() => {
                 let now = state.lock().expect("state lock").enforcer.maps.counters()?;
