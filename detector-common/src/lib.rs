@@ -26,7 +26,7 @@ pub mod map_names {
     pub const DENY_PREFIX: &str = "DENY_PREFIX";
     pub const DECISION_EXACT: &str = "DECISION_EXACT";
     pub const DECISION_PREFIX: &str = "DECISION_PREFIX";
-    pub const BUCKETS: &str = "BUCKETS";
+    pub const SOURCES: &str = "SOURCES";
     pub const RATE_CLASSES: &str = "RATE_CLASSES";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const CONFIG: &str = "CONFIG";
@@ -41,7 +41,7 @@ pub mod map_names {
         DENY_PREFIX,
         DECISION_EXACT,
         DECISION_PREFIX,
-        BUCKETS,
+        SOURCES,
         RATE_CLASSES,
         PROTECTED_PORTS,
         CONFIG,
@@ -67,8 +67,8 @@ pub mod capacity {
     pub const DENY_PREFIX: u32 = 131_072;
     pub const DECISION_EXACT: u32 = 262_144;
     pub const DECISION_PREFIX: u32 = 65_536;
-    /// LRU: the least recently seen sources' buckets are evicted first (they restart full).
-    pub const BUCKETS: u32 = 524_288;
+    /// LRU: the least recently seen sources are evicted first (their limiter restarts full, their counters at 0).
+    pub const SOURCES: u32 = 524_288;
     pub const RATE_CLASSES: u32 = 16;
     pub const PROTECTED_PORTS: u32 = 65_536;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
@@ -303,6 +303,22 @@ pub struct Bucket {
     pub conn_tat_ns: u64,
 }
 
+/// Value of the `SOURCES` LRU map: everything the kernel keeps per source address that sends to a protected
+/// port — its limiter and its traffic counters (for `aqd top`). Counters are updated without atomics:
+/// approximate when one source's packets land on several CPUs at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub bucket: Bucket,
+    pub packets: u64,
+    pub bytes: u64,
+    /// New TCP connections (SYN without ACK).
+    pub conns: u64,
+    /// Packets dropped by the rate limits.
+    pub rate_drops: u64,
+    pub last_seen_ns: u64,
+}
+
 /// The program's runtime settings: the single entry of the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -352,6 +368,7 @@ mod pod {
     unsafe impl aya::Pod for Decision {}
     unsafe impl aya::Pod for RateClass {}
     unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
 }
@@ -362,6 +379,7 @@ const _: () = assert!(core::mem::size_of::<ListEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Decision>() == 24);
 const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
+const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () =
     assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 2 * event::EVENT_KIND_COUNT + 1));

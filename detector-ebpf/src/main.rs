@@ -5,7 +5,7 @@
 //!   → allowlist (exact, prefix)            → PASS
 //!   → denylist (exact, prefix)             → DROP
 //!   → decision (exact, then /24 or /64)    → block: DROP · throttle: rate class · monitor: count
-//!   → protected port? token buckets (GCRA) → over the limit: DROP
+//!   → protected port? per-source state: counters + token buckets (GCRA) → over the limit: DROP
 //!   → SYN to a protected port: connection event
 //! ```
 //! Every packet is counted under exactly one [`Reason`]; drops are sampled 1-in-N to the ring buffer; failed
@@ -28,7 +28,7 @@ use aya_log_ebpf::warn;
 use core::mem::size_of;
 use detector_common::{
     Action, AddrKey, Bucket, CONFIG_FLAG_CONN_EVENTS, Config, ConnEvent, Counters, Decision, DropEvent,
-    EventHeader, EventKind, FlowTuple, ListEntry, RateClass, Reason, Verdict, capacity,
+    EventHeader, EventKind, FlowTuple, ListEntry, RateClass, Reason, SourceState, Verdict, capacity,
 };
 
 use parse::{Packet, ParseError};
@@ -45,8 +45,8 @@ static DENY_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capa
 static DECISION_EXACT: HashMap<AddrKey, Decision> = HashMap::with_max_entries(capacity::DECISION_EXACT, 0);
 #[map(name = "DECISION_PREFIX")]
 static DECISION_PREFIX: HashMap<AddrKey, Decision> = HashMap::with_max_entries(capacity::DECISION_PREFIX, 0);
-#[map(name = "BUCKETS")]
-static BUCKETS: LruHashMap<AddrKey, Bucket> = LruHashMap::with_max_entries(capacity::BUCKETS, 0);
+#[map(name = "SOURCES")]
+static SOURCES: LruHashMap<AddrKey, SourceState> = LruHashMap::with_max_entries(capacity::SOURCES, 0);
 #[map(name = "RATE_CLASSES")]
 static RATE_CLASSES: Array<RateClass> = Array::with_max_entries(capacity::RATE_CLASSES, 0);
 /// Non-zero at index `port` when `port` (TCP or UDP destination) is a protected service port.
@@ -143,7 +143,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Cloc
         return pass_reason;
     }
     let is_syn = packet.flow.proto == IPPROTO_TCP && packet.tcp_syn && !packet.tcp_ack;
-    if let Some(drop) = rate_limit(ctx, src, rate_class, is_syn, clock) {
+    if let Some(drop) = track_source(ctx, src, rate_class, is_syn, clock) {
         return drop;
     }
     if is_syn && config.flags & CONFIG_FLAG_CONN_EVENTS != 0 {
@@ -201,44 +201,61 @@ fn live_decision(map: &HashMap<AddrKey, Decision>, key: &AddrKey, clock: &mut Cl
     Some((decision.action, decision.rate_class))
 }
 
-/// Applies the source's rate class; returns the drop reason when over a limit.
+/// Counts the packet in its source's state and applies the source's rate class; returns the drop reason when
+/// over a limit.
 ///
 /// GCRA ("virtual scheduling"): each limit keeps the theoretical arrival time (TAT) of the next packet; a packet
 /// conforms when it arrives no earlier than TAT minus the burst tolerance. No division, one u64 per limit.
-/// The bucket is read-modify-written without atomics: two CPUs racing on one source may admit one extra packet.
+/// The state is read-modify-written without atomics: two CPUs racing on one source may admit one extra packet.
 #[inline(always)]
-fn rate_limit(
+fn track_source(
     ctx: &XdpContext,
     src: &AddrKey,
     class: u32,
     is_syn: bool,
     clock: &mut Clock,
 ) -> Option<Reason> {
-    let limits = RATE_CLASSES.get(class)?;
-    let limit_packets = limits.packet_interval_ns != 0;
-    let limit_conns = is_syn && limits.conn_interval_ns != 0;
-    if !limit_packets && !limit_conns {
-        return None;
-    }
     let now = clock.now();
-    let bucket = match BUCKETS.get_ptr_mut(src) {
-        Some(b) => b,
+    let state = match SOURCES.get_ptr_mut(src) {
+        Some(s) => s,
         None => {
             // A new source starts with a full burst allowance.
-            let fresh = Bucket {
-                packet_tat_ns: now,
-                conn_tat_ns: now,
+            let fresh = SourceState {
+                bucket: Bucket {
+                    packet_tat_ns: now,
+                    conn_tat_ns: now,
+                },
+                ..SourceState::default()
             };
-            if BUCKETS.insert(src, &fresh, 0).is_err() {
+            if let Err(errno) = SOURCES.insert(src, &fresh, 0) {
+                // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once.
+                warn!(ctx, "cannot track a new source (errno {})", errno);
                 return None;
             }
-            BUCKETS.get_ptr_mut(src)?
+            SOURCES.get_ptr_mut(src)?
         }
     };
-    // SAFETY: `bucket` points into map memory returned by a successful lookup.
-    let bucket = unsafe { &mut *bucket };
+    // SAFETY: `state` points into map memory returned by a successful lookup.
+    let state = unsafe { &mut *state };
+    state.packets += 1;
+    state.bytes += (ctx.data_end() - ctx.data()) as u64;
+    state.last_seen_ns = now;
+    if is_syn {
+        state.conns += 1;
+    }
+    let verdict = rate_limit(&mut state.bucket, class, is_syn, now);
+    if verdict.is_some() {
+        state.rate_drops += 1;
+    }
+    verdict
+}
+
+/// The GCRA limits of `class` applied to one source's bucket.
+#[inline(always)]
+fn rate_limit(bucket: &mut Bucket, class: u32, is_syn: bool, now: u64) -> Option<Reason> {
+    let limits = RATE_CLASSES.get(class)?;
     let mut packet_tat = bucket.packet_tat_ns;
-    if limit_packets {
+    if limits.packet_interval_ns != 0 {
         match gcra(
             packet_tat,
             now,
@@ -250,7 +267,7 @@ fn rate_limit(
         }
     }
     let mut conn_tat = bucket.conn_tat_ns;
-    if limit_conns {
+    if is_syn && limits.conn_interval_ns != 0 {
         match gcra(conn_tat, now, limits.conn_interval_ns, limits.conn_tolerance_ns) {
             Some(t) => conn_tat = t,
             None => return Some(Reason::DropRateConnections),

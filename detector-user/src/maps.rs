@@ -11,7 +11,8 @@ use aya::{
 };
 use detector_common::{
     Action, AddrKey, Bucket, Config, Counters, Decision, ListEntry, Origin, PREFIX_SCOPE_V4, PREFIX_SCOPE_V6,
-    REASON_COUNT, RateClass, addr::V4_MAPPED_PREFIX_BITS, capacity, event::EVENT_KIND_COUNT, map_names,
+    REASON_COUNT, RateClass, SourceState, addr::V4_MAPPED_PREFIX_BITS, capacity, event::EVENT_KIND_COUNT,
+    map_names,
 };
 use ipnet::IpNet;
 use thiserror::Error;
@@ -210,7 +211,7 @@ pub struct KernelMaps {
     deny_prefix: LpmTrie<MapData, AddrKey, ListEntry>,
     decision_exact: HashMap<MapData, AddrKey, Decision>,
     decision_prefix: HashMap<MapData, AddrKey, Decision>,
-    buckets: HashMap<MapData, AddrKey, Bucket>,
+    sources: HashMap<MapData, AddrKey, SourceState>,
     rate_classes: Array<MapData, RateClass>,
     protected_ports: Array<MapData, u8>,
     config: Array<MapData, Config>,
@@ -248,7 +249,7 @@ impl KernelMaps {
             deny_prefix: typed(n::DENY_PREFIX, get(n::DENY_PREFIX)?)?,
             decision_exact: typed(n::DECISION_EXACT, get(n::DECISION_EXACT)?)?,
             decision_prefix: typed(n::DECISION_PREFIX, get(n::DECISION_PREFIX)?)?,
-            buckets: typed(n::BUCKETS, get(n::BUCKETS)?)?,
+            sources: typed(n::SOURCES, get(n::SOURCES)?)?,
             rate_classes: typed(n::RATE_CLASSES, get(n::RATE_CLASSES)?)?,
             protected_ports: typed(n::PROTECTED_PORTS, get(n::PROTECTED_PORTS)?)?,
             config: typed(n::CONFIG, get(n::CONFIG)?)?,
@@ -551,7 +552,22 @@ impl KernelMaps {
             IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
             IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
         };
-        self.buckets.get(&key, 0).ok()
+        self.sources.get(&key, 0).ok().map(|s| s.bucket)
+    }
+
+    /// Every tracked source seen at or after `since_ns` (monotonic), with its state.
+    pub fn sources(&self, since_ns: u64) -> Result<Vec<(IpAddr, SourceState)>, MapsError> {
+        let mut out = Vec::new();
+        for item in self.sources.iter() {
+            let (key, state) = item.map_err(|source| MapsError::Map {
+                name: map_names::SOURCES,
+                source,
+            })?;
+            if state.last_seen_ns >= since_ns {
+                out.push((key_addr(&key), state));
+            }
+        }
+        Ok(out)
     }
 
     /// Entries in each map, for fill levels. Walks the maps: O(entries).
@@ -587,7 +603,7 @@ impl KernelMaps {
                 self.decision_prefix.keys().count(),
                 capacity::DECISION_PREFIX,
             ),
-            (map_names::BUCKETS, self.buckets.keys().count(), capacity::BUCKETS),
+            (map_names::SOURCES, self.sources.keys().count(), capacity::SOURCES),
         ]
     }
 }

@@ -39,6 +39,8 @@ pub enum Command {
     Status(JsonArg),
     /// Allowlist, denylist and decisions with hit counts and time left.
     List(ListCmd),
+    /// Busiest sources now (traffic to protected ports): packets, bytes, new connections, rate-limit drops.
+    Top(TopArgs),
     /// Block an address or prefix: all its traffic is dropped.
     Block(DecisionArgs),
     /// Throttle an address, /24 or /64: its traffic to protected ports is limited by a rate class.
@@ -175,6 +177,29 @@ pub struct ListCmd {
     pub what: ListWhat,
     #[command(flatten)]
     pub json: JsonArg,
+}
+
+#[derive(Args)]
+pub struct TopArgs {
+    /// Sort by this rate.
+    #[arg(long, value_enum, default_value_t = TopBy::Packets)]
+    pub by: TopBy,
+    /// How many sources to show.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    pub limit: usize,
+    /// Measurement window.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopBy {
+    Packets,
+    Bytes,
+    Conns,
+    Drops,
 }
 
 #[derive(Args)]

@@ -197,6 +197,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             output::list(&view, a.json.json);
             Ok(())
         }
+        Command::Top(a) => top(&ctx, &a),
         Command::Block(a) => decide(&ctx, "block", &a, None),
         Command::Monitor(a) => decide(&ctx, "monitor", &a, None),
         Command::Throttle(a) => decide(&ctx, "throttle", &a.decision, Some(a.class)),
@@ -401,6 +402,54 @@ fn import(ctx: &Context, a: args::ImportArgs) -> anyhow::Result<()> {
         a.file.display(),
         result["seconds"].as_f64().unwrap_or(0.0)
     );
+    Ok(())
+}
+
+/// Reads the per-source state twice, `interval` apart, and ranks the sources by rate. Reads the pinned maps
+/// directly (root), so it works whether or not the daemon runs.
+fn top(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
+    let maps = ctx.maps()?;
+    let started = detector_user::clock::monotonic_ns();
+    let before: std::collections::HashMap<_, _> = maps.sources(0)?.into_iter().collect();
+    std::thread::sleep(a.interval);
+    let after = maps.sources(started)?;
+    let secs = a.interval.as_secs_f64();
+    let decisions = maps.decisions()?;
+    let mut rows: Vec<Value> = after
+        .into_iter()
+        .map(|(addr, now)| {
+            let was = before.get(&addr).copied().unwrap_or_default();
+            let rate = |n: u64, w: u64| n.saturating_sub(w) as f64 / secs;
+            let decision = decisions
+                .iter()
+                .find(|d| d.net.contains(&addr))
+                .map(|d| d.action)
+                .unwrap_or("");
+            json!({
+                "source": addr,
+                "packets_per_s": rate(now.packets, was.packets),
+                "bytes_per_s": rate(now.bytes, was.bytes),
+                "conns_per_s": rate(now.conns, was.conns),
+                "drops_per_s": rate(now.rate_drops, was.rate_drops),
+                "packets": now.packets,
+                "decision": decision,
+            })
+        })
+        .collect();
+    let key = match a.by {
+        args::TopBy::Packets => "packets_per_s",
+        args::TopBy::Bytes => "bytes_per_s",
+        args::TopBy::Conns => "conns_per_s",
+        args::TopBy::Drops => "drops_per_s",
+    };
+    rows.sort_by(|x, y| {
+        y[key]
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&x[key].as_f64().unwrap_or(0.0))
+    });
+    rows.truncate(a.limit);
+    output::top(&rows, a.json.json);
     Ok(())
 }
 

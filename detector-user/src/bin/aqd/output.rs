@@ -132,3 +132,27 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
         }
     }
 }
+
+pub fn top(rows: &[Value], json: bool) {
+    if json {
+        println!("{}", Value::from(rows.to_vec()));
+        return;
+    }
+    println!(
+        "{:<40} {:>10} {:>12} {:>9} {:>9} {:>12} {:>9}",
+        "SOURCE", "PKT/S", "BYTES/S", "CONN/S", "DROP/S", "PACKETS", "DECISION"
+    );
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<40} {:>10.1} {:>12.0} {:>9.1} {:>9.1} {:>12} {:>9}",
+            text(&r["source"]),
+            f("packets_per_s"),
+            f("bytes_per_s"),
+            f("conns_per_s"),
+            f("drops_per_s"),
+            r["packets"].as_u64().unwrap_or(0),
+            text(&r["decision"])
+        );
+    }
+}
