@@ -258,7 +258,15 @@ async fn serve_one<H: Handler>(
             Err(e) => Err(e),
         },
     };
-    write.write_all(&encode_response(response)).await?;
+    let encoded = encode_response(response);
+    write.write_all(&encoded).await?;
+    // A large request or answer (an import, a long list) leaves its buffers in the allocator's free lists;
+    // hand them back so the daemon's resident memory reflects what it keeps.
+    if line.len() > 1 << 20 || encoded.len() > 1 << 20 {
+        drop(encoded);
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
+    }
     write.shutdown().await
 }
 

@@ -13,11 +13,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use detector_common::{Action, Origin};
+use detector_common::{Action, Decision, Origin};
 use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::{
+    clock,
     config::Config,
     maps::{KernelMaps, List, MapsError, action_name, origin_name},
 };
@@ -144,12 +145,20 @@ impl AuditLog {
     }
 
     pub fn append(&mut self, record: &AuditRecord) -> Result<(), EnforceError> {
+        self.append_all(std::slice::from_ref(record))
+    }
+
+    /// Appends many records with one write.
+    pub fn append_all(&mut self, records: &[AuditRecord]) -> Result<(), EnforceError> {
         let Some(file) = self.file.as_mut() else {
             return Ok(());
         };
-        let mut line = serde_json::to_vec(record).expect("audit records serialize");
-        line.push(b'\n');
-        file.write_all(&line).map_err(|source| EnforceError::Audit {
+        let mut lines = Vec::with_capacity(records.len() * 128);
+        for record in records {
+            serde_json::to_writer(&mut lines, record).expect("audit records serialize");
+            lines.push(b'\n');
+        }
+        file.write_all(&lines).map_err(|source| EnforceError::Audit {
             path: self.path.clone(),
             source,
         })
@@ -207,9 +216,22 @@ impl Enforcer {
             )
             .map_err(|e| (i, e))?;
         }
+        let mut batch = Vec::with_capacity(requests.len());
         for (i, request) in requests.iter().enumerate() {
-            self.decide_with(request, &allowlist).map_err(|e| (i, e))?;
+            let (decision, ttl) = self.decision_for(request).map_err(|e| (i, e))?;
+            batch.push((request.target, decision, ttl));
         }
+        let entries: Vec<(IpNet, Decision)> = batch.iter().map(|(net, d, _)| (*net, *d)).collect();
+        self.maps.decision_put_many(&entries).map_err(|e| (0, e.into()))?;
+        let records: Vec<AuditRecord> = requests
+            .iter()
+            .zip(&batch)
+            .map(|(request, (_, _, ttl))| {
+                let action = action_name(Some(request.action));
+                record(request.origin, request.target, action, *ttl, &request.reason)
+            })
+            .collect();
+        self.audit.append_all(&records).map_err(|e| (0, e))?;
         Ok(requests.len())
     }
 
@@ -230,7 +252,18 @@ impl Enforcer {
     ) -> Result<Option<Duration>, EnforceError> {
         let action = action_name(Some(request.action));
         self.check_lockout_with(request.target, action, request.force, allowlist)?;
-        let class = match request.action {
+        let (decision, ttl) = self.decision_for(request)?;
+        self.maps.decision_put(request.target, decision)?;
+        self.audit(request.origin, request.target, action, ttl, &request.reason)?;
+        Ok(ttl)
+    }
+
+    /// The kernel value for a request: rate class resolved, TTL defaulted and jittered.
+    fn decision_for(
+        &mut self,
+        request: &DecisionRequest,
+    ) -> Result<(Decision, Option<Duration>), EnforceError> {
+        let rate_class = match request.action {
             Action::Throttle => {
                 let name = request.class.as_deref().unwrap_or("throttle");
                 self.config
@@ -245,10 +278,16 @@ impl Enforcer {
         } else {
             Some(self.jittered(request.ttl.unwrap_or(self.config.default_ttl)))
         };
-        self.maps
-            .decision_insert(request.target, request.action, class, 0, request.origin, ttl)?;
-        self.audit(request.origin, request.target, action, ttl, &request.reason)?;
-        Ok(ttl)
+        let decision = Decision {
+            expires_ns: clock::expiry_from_ttl(ttl),
+            hits: 0,
+            action: request.action as u8,
+            rate_class,
+            reason: 0,
+            origin: request.origin as u8,
+            _pad: [0; 3],
+        };
+        Ok((decision, ttl))
     }
 
     /// Removes the decision on `target`; `Ok(false)` if there was none.
@@ -364,18 +403,21 @@ impl Enforcer {
         ttl: Option<Duration>,
         reason: &str,
     ) -> Result<(), EnforceError> {
-        let time = SystemTime::now()
+        self.audit.append(&record(origin, target, action, ttl, reason))
+    }
+}
+
+fn record(origin: Origin, target: IpNet, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
+    AuditRecord {
+        time: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.audit.append(&AuditRecord {
-            time,
-            origin: origin_name(Some(origin)).to_string(),
-            target: target.to_string(),
-            action: action.to_string(),
-            ttl: ttl.map(|t| t.as_secs()),
-            reason: reason.to_string(),
-        })
+            .unwrap_or(0.0),
+        origin: origin_name(Some(origin)).to_string(),
+        target: target.to_string(),
+        action: action.to_string(),
+        ttl: ttl.map(|t| t.as_secs()),
+        reason: reason.to_string(),
     }
 }
 

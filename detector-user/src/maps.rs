@@ -7,7 +7,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use detector_common::{
     Action, AddrKey, Bucket, Config, Counters, Decision, ListEntry, Origin, PREFIX_SCOPE_V4, PREFIX_SCOPE_V6,
@@ -386,34 +386,78 @@ impl KernelMaps {
         origin: Origin,
         ttl: Option<Duration>,
     ) -> Result<(), MapsError> {
-        if rate_class as u32 >= capacity::RATE_CLASSES {
-            return Err(MapsError::RateClass {
-                class: rate_class as u32,
-            });
-        }
-        let Some((key, exact)) = decision_slot(net) else {
-            slot_for(net)?; // host bits: the clearer error first
-            if action == Action::Block {
-                return self.list_insert(List::Deny, net, ttl);
-            }
-            return Err(MapsError::DecisionScope {
-                net,
-                action: action_name(Some(action)),
-            });
-        };
-        let (map, name) = self.decision_map(exact);
-        let hits = map.get(&key, 0).map(|d| d.hits).unwrap_or(0);
         let decision = Decision {
             expires_ns: clock::expiry_from_ttl(ttl),
-            hits,
+            hits: 0,
             action: action as u8,
             rate_class,
             reason,
             origin: origin as u8,
             _pad: [0; 3],
         };
+        self.decision_put(net, decision)
+    }
+
+    /// Writes a decision as given (absolute monotonic expiry, 0 = never), keeping the hit count of the one it
+    /// replaces. Block on a prefix that is not a decision scope goes to the denylist (with the same expiry).
+    pub fn decision_put(&mut self, net: IpNet, mut decision: Decision) -> Result<(), MapsError> {
+        if decision.rate_class as u32 >= capacity::RATE_CLASSES {
+            return Err(MapsError::RateClass {
+                class: decision.rate_class as u32,
+            });
+        }
+        let action = Action::from_u8(decision.action);
+        let Some((key, exact)) = decision_slot(net) else {
+            slot_for(net)?; // host bits: the clearer error first
+            if action == Some(Action::Block) {
+                return self.list_put(List::Deny, net, decision.expires_ns);
+            }
+            return Err(MapsError::DecisionScope {
+                net,
+                action: action_name(action),
+            });
+        };
+        let (map, name) = self.decision_map(exact);
+        decision.hits = map.get(&key, 0).map(|d| d.hits).unwrap_or(0);
         map.insert(key, decision, 0)
             .map_err(|source| MapsError::Map { name, source })
+    }
+
+    /// Writes many decisions at once (batch syscalls for the hash maps). Unlike [`Self::decision_put`], replaced
+    /// decisions restart their hit counts at 0.
+    pub fn decision_put_many(&mut self, decisions: &[(IpNet, Decision)]) -> Result<(), MapsError> {
+        let (mut exact, mut prefix) = (Vec::new(), Vec::new());
+        let mut rest = Vec::new();
+        for (net, d) in decisions {
+            if d.rate_class as u32 >= capacity::RATE_CLASSES {
+                return Err(MapsError::RateClass {
+                    class: d.rate_class as u32,
+                });
+            }
+            match decision_slot(*net) {
+                Some((key, true)) => exact.push((key, *d)),
+                Some((key, false)) => prefix.push((key, *d)),
+                None => rest.push((*net, *d)),
+            }
+        }
+        for (entries, exact_scope) in [(exact, true), (prefix, false)] {
+            if entries.is_empty() {
+                continue;
+            }
+            let (keys, values): (Vec<AddrKey>, Vec<Decision>) = entries.into_iter().unzip();
+            let (map, name) = self.decision_map(exact_scope);
+            update_batch(map.map(), &keys, &values).map_err(|io_error| MapsError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "BPF_MAP_UPDATE_BATCH",
+                    io_error,
+                }),
+            })?;
+        }
+        for (net, d) in rest {
+            self.decision_put(net, d)?;
+        }
+        Ok(())
     }
 
     /// Removes the decision on `net` (or, for other prefix lengths, its denylist entry).
@@ -610,6 +654,57 @@ impl KernelMaps {
 
 fn remaining_secs(expires_ns: u64) -> Option<u64> {
     clock::remaining(expires_ns).map(|d| d.as_secs())
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: many keys and values in one syscall per chunk (Linux ≥ 5.6, hash maps).
+/// Hand-written because aya 0.14 exposes no batch operations.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), std::io::Error> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len());
+    let fd = map.fd().as_fd().as_raw_fd();
+    for (k, v) in keys.chunks(8192).zip(values.chunks(8192)) {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` matches the kernel's batch attribute layout; keys and values point to `count`
+        // Pod elements of the map's key and value sizes, alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// `remove` on a missing key is ENOENT; callers want "was it there".
