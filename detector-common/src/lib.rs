@@ -59,6 +59,9 @@ pub const FLOOR_PROGRAM_NAME: &str = "aqd_floor";
 /// from production loads.
 pub const TEST_CLOCK_GLOBAL: &str = "AQD_TEST_CLOCK";
 
+/// How many ever-shorter prefixes the kernel tries when the longest matching list prefix has expired.
+pub const MAX_EXPIRED_PREFIX_STEPS: usize = 4;
+
 /// Capacities. Userspace reports fill levels against these.
 pub mod capacity {
     pub const ALLOW_EXACT: u32 = 131_072;
@@ -250,6 +253,11 @@ pub struct ListEntry {
     pub expires_ns: u64,
     /// Packets that matched this entry. Written by the kernel without atomics: approximate under contention.
     pub hits: u64,
+    /// The entry's own prefix length as a trie key length (IPv4 + 96); 128 in the exact maps. When the
+    /// longest match has expired, the kernel looks again below this length, so an expired specific prefix
+    /// never hides a live shorter one.
+    pub prefix_len: u32,
+    pub _pad: u32,
 }
 
 /// Value of the decision maps (exact source and /24 or /64 prefix).
@@ -375,7 +383,7 @@ mod pod {
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 16);
-const _: () = assert!(core::mem::size_of::<ListEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<ListEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<Decision>() == 24);
 const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);

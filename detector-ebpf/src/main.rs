@@ -28,7 +28,8 @@ use aya_log_ebpf::warn;
 use core::mem::size_of;
 use detector_common::{
     Action, AddrKey, Bucket, CONFIG_FLAG_CONN_EVENTS, Config, ConnEvent, Counters, Decision, DropEvent,
-    EventHeader, EventKind, FlowTuple, ListEntry, RateClass, Reason, SourceState, Verdict, capacity,
+    EventHeader, EventKind, FlowTuple, ListEntry, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, SourceState,
+    Verdict, capacity,
 };
 
 use parse::{Packet, ParseError};
@@ -72,6 +73,8 @@ static DEFAULT_CONFIG: Config = Config {
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+/// `FlowTuple::proto` when an IPv6 extension chain was too long to find the transport protocol.
+const PROTO_UNKNOWN: u8 = 0;
 
 #[xdp]
 pub fn aqd_xdp(ctx: XdpContext) -> u32 {
@@ -135,10 +138,14 @@ fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Cloc
         }
     }
 
-    // Limits apply only to the protected service ports, so SSH and health checks are never limited.
-    let is_protected = packet.has_ports
-        && (packet.flow.proto == IPPROTO_TCP || packet.flow.proto == IPPROTO_UDP)
-        && matches!(PROTECTED_PORTS.get(packet.flow.dst_port as u32), Some(p) if *p != 0);
+    // Limits apply only to the protected service ports, so SSH and health checks are never limited. A TCP/UDP
+    // packet whose ports cannot be read (a non-first fragment, an over-long IPv6 extension chain) counts as
+    // protected: otherwise fragmenting would be a way around the limits.
+    let is_protected = if packet.has_ports {
+        matches!(PROTECTED_PORTS.get(packet.flow.dst_port as u32), Some(p) if *p != 0)
+    } else {
+        matches!(packet.flow.proto, IPPROTO_TCP | IPPROTO_UDP | PROTO_UNKNOWN)
+    };
     if !is_protected {
         return pass_reason;
     }
@@ -161,20 +168,35 @@ fn list_hit_exact(map: &HashMap<AddrKey, ListEntry>, key: &AddrKey, clock: &mut 
     }
 }
 
-/// Whether `key` falls in a live prefix of a prefix list (longest match); bumps its hit count.
+/// Whether `key` falls in a live prefix of a prefix list; bumps its hit count. The longest match wins; when it
+/// has expired, the next shorter covering prefix is tried (bounded), so expiry never needs userspace's help.
 #[inline(always)]
 fn list_hit_prefix(map: &LpmTrie<AddrKey, ListEntry>, key: &AddrKey, clock: &mut Clock) -> bool {
-    let lookup_key = Key::new(128, *key);
-    // aya-ebpf's LpmTrie::get only hands out a shared reference; the hit counter needs the writable pointer the
-    // lookup helper returns, so call the helper directly (what `get` does inside).
-    // SAFETY: `map` is a map definition in the maps section and `lookup_key` has the trie's key layout.
-    let entry = unsafe {
-        bpf_map_lookup_elem(
-            map as *const LpmTrie<AddrKey, ListEntry> as *mut c_void,
-            &lookup_key as *const Key<AddrKey> as *const c_void,
-        )
-    } as *mut ListEntry;
-    !entry.is_null() && hit_if_live(entry, clock)
+    let mut lookup_key = Key::new(128, *key);
+    for _ in 0..MAX_EXPIRED_PREFIX_STEPS {
+        // aya-ebpf's LpmTrie::get only hands out a shared reference; the hit counter needs the writable
+        // pointer the lookup helper returns, so call the helper directly (what `get` does inside).
+        // SAFETY: `map` is a map definition in the maps section and `lookup_key` has the trie's key layout.
+        let entry = unsafe {
+            bpf_map_lookup_elem(
+                map as *const LpmTrie<AddrKey, ListEntry> as *mut c_void,
+                &lookup_key as *const Key<AddrKey> as *const c_void,
+            )
+        } as *mut ListEntry;
+        if entry.is_null() {
+            return false;
+        }
+        if hit_if_live(entry, clock) {
+            return true;
+        }
+        // SAFETY: non-null result of a map lookup.
+        let matched_len = unsafe { (*entry).prefix_len };
+        if matched_len == 0 || matched_len > 128 {
+            return false;
+        }
+        lookup_key = Key::new(matched_len - 1, *key);
+    }
+    false
 }
 
 #[inline(always)]

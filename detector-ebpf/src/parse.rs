@@ -4,9 +4,9 @@
 //! What counts as what:
 //! - not IPv4/IPv6 after ≤ 2 VLAN tags → [`ParseError::NotIp`];
 //! - IP header truncated or invalid (version, IHL < 5) → [`ParseError::Malformed`];
-//! - a valid IP header whose transport header is absent (non-first fragment, unknown protocol, extension chain
-//!   longer than [`MAX_IPV6_EXT_HEADERS`], truncated TCP/UDP, TCP data offset < 5) → a [`Packet`] without ports:
-//!   address rules still apply, port-based limits do not.
+//! - a valid IP header whose transport ports cannot be read (non-first fragment, extension chain longer than
+//!   [`MAX_IPV6_EXT_HEADERS`], fewer than 4 bytes of TCP/UDP) → a [`Packet`] without ports: address rules apply,
+//!   and the classifier treats TCP/UDP/unknown packets without ports as aimed at a protected port (see main.rs).
 
 use aya_ebpf::programs::XdpContext;
 use detector_common::{AddrKey, FlowTuple};
@@ -137,7 +137,8 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     let mut offset = offset + 40;
     let mut transport_found = false;
     let mut first_fragment = true;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One pass more than the header limit, so the header after the last allowed extension is still seen.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let Some(ext) = read::<[u8; 2]>(ctx, offset) else {
@@ -185,26 +186,28 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     Ok(packet)
 }
 
-/// Fills in ports and TCP flags when a complete TCP or UDP header sits at `offset`.
+/// Fills in ports and TCP flags from the transport header at `offset`.
+///
+/// Ports are taken as soon as their 4 bytes are present, so a "tiny first fragment" (RFC 1858) cannot hide a
+/// connection from the limits; a TCP header too short to hold the flags counts as a new connection (SYN) —
+/// the conservative reading for the connection limit. The kernel stack drops such packets anyway.
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) {
     match packet.flow.proto {
         IPPROTO_TCP => {
-            // The 20-byte minimum header must be present; ports, data offset and flags are read from it.
-            if ptr_at::<[u8; 20]>(ctx, offset).is_none() {
-                return;
-            }
-            let Some(tcp) = read::<[u8; 14]>(ctx, offset) else {
+            let Some(ports) = read::<[u8; 4]>(ctx, offset) else {
                 return;
             };
-            if tcp[12] >> 4 < 5 {
-                return;
-            }
-            packet.flow.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-            packet.flow.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-            packet.tcp_syn = tcp[13] & 0x02 != 0;
-            packet.tcp_ack = tcp[13] & 0x10 != 0;
+            packet.flow.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            packet.flow.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
             packet.has_ports = true;
+            match read::<u8>(ctx, offset + 13) {
+                Some(flags) => {
+                    packet.tcp_syn = flags & 0x02 != 0;
+                    packet.tcp_ack = flags & 0x10 != 0;
+                }
+                None => packet.tcp_syn = true,
+            }
         }
         IPPROTO_UDP => {
             let Some(udp) = read::<[u8; 8]>(ctx, offset) else {

@@ -90,7 +90,8 @@ impl Overrides {
         }
         if let Some(s) = &self.socket {
             config.socket = s.clone();
-        } else if self.pin_root.is_some() {
+        } else if self.pin_root.is_some() && config.socket == std::path::Path::new(paths::DEFAULT_SOCKET) {
+            // Another pin root is another aqd instance: give it its own socket unless the config names one.
             config.socket = paths::socket_for_pin_root(&config.pin_root);
         }
         if let Some(p) = &self.protected_ports {
@@ -202,12 +203,21 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut stats = tokio::time::interval(config.stats_interval);
+    // Expired entries are already ignored by the kernel; purging them keeps the maps from filling up.
+    let mut purge = tokio::time::interval(Duration::from_secs(30));
     let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;
     loop {
         tokio::select! {
             batch = reader.next_batch(|event| record_event(&events, &event)) => {
                 batch.context("reading the event ring buffer")?;
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
+            }
+            _ = purge.tick() => {
+                match state.lock().expect("state lock").enforcer.maps.purge_expired() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "purged expired decisions and list entries"),
+                    Err(e) => tracing::warn!("purging expired entries: {e}"),
+                }
             }
             readable = kernel_log_fd.readable() => {
                 let mut guard = readable?;

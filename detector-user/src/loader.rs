@@ -40,7 +40,7 @@ pub enum LoadError {
     #[error(
         "pinned map {path} has a different layout than this aqd expects ({found}, expected {expected}); it was \
          made by another aqd build with the same layout version. Stop the other daemon and run `aqd detach` \
-         to remove the old state, or pass a different --pin-dir"
+         to remove the old state, or pass a different --pin-root"
     )]
     LayoutMismatch {
         path: PathBuf,
@@ -188,7 +188,12 @@ pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
         }
     }
     match fs::remove_dir(pin_dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    // The unversioned pin root too, when nothing else (another layout version) is left in it.
+    if let Some(root) = pin_dir.parent() {
+        let _ = fs::remove_dir(root);
+    }
+    Ok(())
 }

@@ -30,7 +30,7 @@ pub enum MapsError {
         source: MapError,
     },
     #[error(
-        "cannot open pinned map {path}: {source}; is aqd loaded? (`aqd run` pins its maps there; check --pin-dir)"
+        "cannot open pinned map {path}: {source}; is aqd loaded? (`aqd run` pins its maps there; check --pin-root)"
     )]
     Pin {
         path: String,
@@ -271,7 +271,16 @@ impl KernelMaps {
             Slot::Exact(key) => {
                 let hits = exact.get(&key, 0).map(|e| e.hits).unwrap_or(0);
                 exact
-                    .insert(key, ListEntry { expires_ns, hits }, 0)
+                    .insert(
+                        key,
+                        ListEntry {
+                            expires_ns,
+                            hits,
+                            prefix_len: 128,
+                            _pad: 0,
+                        },
+                        0,
+                    )
                     .map_err(|source| MapsError::Map {
                         name: exact_name,
                         source,
@@ -281,7 +290,16 @@ impl KernelMaps {
                 let trie_key = Key::new(trie_len, key);
                 let hits = prefix.get(&trie_key, 0).map(|e| e.hits).unwrap_or(0);
                 prefix
-                    .insert(&trie_key, ListEntry { expires_ns, hits }, 0)
+                    .insert(
+                        &trie_key,
+                        ListEntry {
+                            expires_ns,
+                            hits,
+                            prefix_len: trie_len,
+                            _pad: 0,
+                        },
+                        0,
+                    )
                     .map_err(|source| MapsError::Map {
                         name: prefix_name,
                         source,
@@ -521,22 +539,21 @@ impl KernelMaps {
         })
     }
 
-    /// Makes exactly `ports` the protected ports.
+    /// Makes exactly `ports` the protected ports: one batch write of the whole array, where every element
+    /// goes straight to its final value (a port in both the old and the new set is never unprotected).
     pub fn set_protected_ports(&mut self, ports: &[u16]) -> Result<(), MapsError> {
-        let err = |source| MapsError::Map {
-            name: map_names::PROTECTED_PORTS,
-            source,
-        };
-        // Set the new ones first, then clear the rest, so a port in both sets is never unprotected.
+        let keys: Vec<u32> = (0..capacity::PROTECTED_PORTS).collect();
+        let mut values = vec![0u8; capacity::PROTECTED_PORTS as usize];
         for &port in ports {
-            self.protected_ports.set(port as u32, 1, 0).map_err(err)?;
+            values[port as usize] = 1;
         }
-        for port in 0..capacity::PROTECTED_PORTS {
-            if !ports.contains(&(port as u16)) && self.protected_ports.get(&port, 0).map_err(err)? != 0 {
-                self.protected_ports.set(port, 0, 0).map_err(err)?;
-            }
-        }
-        Ok(())
+        update_batch(self.protected_ports.map(), &keys, &values).map_err(|io_error| MapsError::Map {
+            name: map_names::PROTECTED_PORTS,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_MAP_UPDATE_BATCH",
+                io_error,
+            }),
+        })
     }
 
     pub fn protected_ports(&self) -> Result<Vec<u16>, MapsError> {
@@ -612,6 +629,50 @@ impl KernelMaps {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes expired list entries and decisions (the kernel already ignores them; this frees their slots).
+    /// Returns how many were removed.
+    pub fn purge_expired(&mut self) -> Result<usize, MapsError> {
+        let now = clock::monotonic_ns();
+        let expired = |e: u64| e != 0 && e <= now;
+        let mut removed = 0;
+        for list in [List::Allow, List::Deny] {
+            let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
+            let keys: Vec<AddrKey> = exact
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, e)| expired(e.expires_ns))
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                removed += not_found_is_false(exact.remove(&k).map_err(|e| (exact_name, e)))? as usize;
+            }
+            let keys: Vec<(u32, AddrKey)> = prefix
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, e)| expired(e.expires_ns))
+                .map(|(k, _)| (k.prefix_len(), k.data()))
+                .collect();
+            for (len, data) in keys {
+                removed +=
+                    not_found_is_false(prefix.remove(&Key::new(len, data)).map_err(|e| (prefix_name, e)))?
+                        as usize;
+            }
+        }
+        for exact_scope in [true, false] {
+            let (map, name) = self.decision_map(exact_scope);
+            let keys: Vec<AddrKey> = map
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, d)| expired(d.expires_ns))
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
+            }
+        }
+        Ok(removed)
     }
 
     /// Entries in each map, for fill levels. Walks the maps: O(entries).

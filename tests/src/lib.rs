@@ -3,4 +3,5 @@
 //! - [`kernel`]: the real XDP program loaded with its test clock and run through `BPF_PROG_TEST_RUN`.
 
 pub mod kernel;
+pub mod netns;
 pub mod packet;

@@ -124,3 +124,218 @@ pub fn ethernet(vlans: &[(u16, u16)], ether_type: u16, payload: &[u8]) -> Vec<u8
     out.extend_from_slice(payload);
     out
 }
+
+// ---- Raw header surgery: IPv4 options and fragments, IPv6 extension headers ----
+//
+// etherparse builds a well-formed IP packet; these helpers splice extra headers into it (fixing the lengths, the
+// next-header chain and the IPv4 header checksum) so the transport header stays exactly what etherparse wrote.
+
+/// IP protocol numbers used by the extension-header builders.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// One IPv6 extension header for [`with_ipv6_ext_headers`]. Its next-header byte is filled in by the builder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ipv6Ext {
+    /// Hop-by-hop options, `(len8 + 1) * 8` bytes, padded with a PadN option.
+    HopByHop { len8: u8 },
+    /// Routing header (type 4, segments left 0), `(len8 + 1) * 8` bytes.
+    Routing { len8: u8 },
+    /// Destination options, `(len8 + 1) * 8` bytes, padded with a PadN option.
+    DestOpts { len8: u8 },
+    /// Fragment header (8 bytes); `offset8` is the fragment offset in 8-byte units.
+    Fragment { offset8: u16, more: bool },
+    /// Authentication header with a 12-byte ICV: 24 bytes, payload-length field 4 (`(4 + 2) * 4`).
+    Ah,
+    /// Any bytes under any protocol number (byte 0 is overwritten with the next header); for malformed chains.
+    Raw { proto: u8, bytes: Vec<u8> },
+}
+
+impl Ipv6Ext {
+    /// The protocol number announcing this header.
+    pub fn proto(&self) -> u8 {
+        match self {
+            Self::HopByHop { .. } => IPPROTO_HOPOPTS,
+            Self::Routing { .. } => IPPROTO_ROUTING,
+            Self::DestOpts { .. } => IPPROTO_DSTOPTS,
+            Self::Fragment { .. } => IPPROTO_FRAGMENT,
+            Self::Ah => IPPROTO_AH,
+            Self::Raw { proto, .. } => *proto,
+        }
+    }
+
+    /// The header's bytes with `next` as its next header.
+    pub fn bytes(&self, next: u8) -> Vec<u8> {
+        let options = |len8: u8| {
+            let total = (len8 as usize + 1) * 8;
+            let mut out = vec![next, len8];
+            // PadN options (type 1, length, zeros; at most 257 bytes each) covering the rest of the header.
+            while out.len() < total {
+                let n = (total - out.len()).min(257);
+                if n == 1 {
+                    out.push(0); // Pad1
+                } else {
+                    out.push(1);
+                    out.push((n - 2) as u8);
+                    out.resize(out.len() + n - 2, 0);
+                }
+            }
+            out
+        };
+        match self {
+            Self::HopByHop { len8 } | Self::DestOpts { len8 } => options(*len8),
+            Self::Routing { len8 } => {
+                let mut out = vec![next, *len8, 4, 0];
+                out.resize((*len8 as usize + 1) * 8, 0);
+                out
+            }
+            Self::Fragment { offset8, more } => {
+                let field = (offset8 << 3) | u16::from(*more);
+                let mut out = vec![next, 0];
+                out.extend_from_slice(&field.to_be_bytes());
+                out.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+                out
+            }
+            Self::Ah => {
+                let mut out = vec![next, 4, 0, 0];
+                out.extend_from_slice(&0x100u32.to_be_bytes()); // SPI
+                out.extend_from_slice(&1u32.to_be_bytes()); // sequence number
+                out.extend_from_slice(&[0x5a; 12]); // ICV
+                out
+            }
+            Self::Raw { bytes, .. } => {
+                let mut out = bytes.clone();
+                if let Some(b) = out.first_mut() {
+                    *b = next;
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The IPv4 header checksum of `header` (its checksum field is taken as zero).
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for (i, pair) in header.chunks(2).enumerate() {
+        if i == 5 {
+            continue;
+        }
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Rewrites the IPv4 header checksum of `ip` in place (IHL taken from the header).
+fn fix_ipv4_checksum(ip: &mut [u8]) {
+    let ihl = ((ip[0] & 0x0f) as usize * 4).min(ip.len());
+    let checksum = ipv4_checksum(&ip[..ihl]);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// An IPv4 packet with `options` (a multiple of 4 bytes, at most 40) inserted after the fixed header.
+pub fn with_ipv4_options(ip: &[u8], options: &[u8]) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options: multiple of 4, at most 40 bytes"
+    );
+    assert_eq!(ip[0], 0x45, "expects an IPv4 packet without options");
+    let mut out = Vec::with_capacity(ip.len() + options.len());
+    out.extend_from_slice(&ip[..20]);
+    out.extend_from_slice(options);
+    out.extend_from_slice(&ip[20..]);
+    out[0] = 0x40 | (5 + options.len() / 4) as u8;
+    let total = out.len() as u16;
+    out[2..4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut out);
+    out
+}
+
+/// Options filling `words` 32-bit words: NOPs, then End of Option List.
+pub fn ipv4_nop_options(words: usize) -> Vec<u8> {
+    let mut out = vec![1u8; words * 4];
+    if let Some(last) = out.last_mut() {
+        *last = 0;
+    }
+    out
+}
+
+/// The same IPv4 packet marked as a fragment at `offset8` (8-byte units) with the MF flag `more`.
+/// The bytes after the header are kept: a non-first fragment that still *looks* like it starts with a transport
+/// header checks that the parser does not read one there.
+pub fn with_ipv4_fragment(ip: &[u8], offset8: u16, more: bool) -> Vec<u8> {
+    let mut out = ip.to_vec();
+    let field = (offset8 & 0x1fff) | if more { 0x2000 } else { 0 };
+    out[6..8].copy_from_slice(&field.to_be_bytes());
+    fix_ipv4_checksum(&mut out);
+    out
+}
+
+/// An IPv6 packet with `exts` inserted (in order) between the fixed header and the transport header.
+pub fn with_ipv6_ext_headers(ip: &[u8], exts: &[Ipv6Ext]) -> Vec<u8> {
+    assert_eq!(ip[0] >> 4, 6, "expects an IPv6 packet");
+    let transport_proto = ip[6];
+    let mut chain = Vec::new();
+    for (i, ext) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(transport_proto, Ipv6Ext::proto);
+        chain.extend_from_slice(&ext.bytes(next));
+    }
+    let mut out = Vec::with_capacity(ip.len() + chain.len());
+    out.extend_from_slice(&ip[..40]);
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(&ip[40..]);
+    if let Some(first) = exts.first() {
+        out[6] = first.proto();
+    }
+    let payload_len = (out.len() - 40) as u16;
+    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    out
+}
+
+impl Frame {
+    /// The Ethernet type of this frame's IP version.
+    pub fn ether_type(&self) -> u16 {
+        if self.src.is_ipv4() {
+            ETH_P_IPV4
+        } else {
+            ETH_P_IPV6
+        }
+    }
+
+    /// The whole frame with IPv4 `options` (see [`with_ipv4_options`]). IPv4 only.
+    pub fn build_with_ipv4_options(&self, options: &[u8]) -> Vec<u8> {
+        ethernet(
+            &self.vlans,
+            ETH_P_IPV4,
+            &with_ipv4_options(&self.ip_packet(), options),
+        )
+    }
+
+    /// The whole frame as an IPv4 fragment (see [`with_ipv4_fragment`]). IPv4 only.
+    pub fn build_ipv4_fragment(&self, offset8: u16, more: bool) -> Vec<u8> {
+        ethernet(
+            &self.vlans,
+            ETH_P_IPV4,
+            &with_ipv4_fragment(&self.ip_packet(), offset8, more),
+        )
+    }
+
+    /// The whole frame with IPv6 extension headers (see [`with_ipv6_ext_headers`]). IPv6 only.
+    pub fn build_with_ipv6_ext(&self, exts: &[Ipv6Ext]) -> Vec<u8> {
+        ethernet(
+            &self.vlans,
+            ETH_P_IPV6,
+            &with_ipv6_ext_headers(&self.ip_packet(), exts),
+        )
+    }
+}

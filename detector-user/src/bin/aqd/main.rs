@@ -176,12 +176,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => {
             let view = match ctx.ask(&Request::Status {})? {
                 Some(v) => v,
-                None => {
-                    let maps = ctx.maps()?;
-                    let mut v = daemon::status_view(&maps, &maps.counters()?, attach::attachments());
-                    v["daemon"] = json!({ "running": false });
-                    v
-                }
+                None => match ctx.maps() {
+                    Ok(maps) => {
+                        let mut v = daemon::status_view(&maps, &maps.counters()?, attach::attachments());
+                        v["daemon"] = json!({ "running": false });
+                        v["pinned_state"] = json!(true);
+                        v
+                    }
+                    // Nothing loaded (never run, or fully detached): still a valid answer.
+                    Err(_) if !ctx.pin_dir.exists() => json!({
+                        "daemon": { "running": false },
+                        "pinned_state": false,
+                        "attachments": attach::attachments(),
+                    }),
+                    Err(e) => return Err(e),
+                },
             };
             output::status(&view, &ctx.pin_dir, a.json);
             Ok(())

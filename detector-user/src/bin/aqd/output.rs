@@ -86,7 +86,14 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
     } else {
         println!("daemon: not running (the kernel keeps enforcing what is in the maps)");
     }
-    println!("pin dir: {}", pin_dir.display());
+    if view["pinned_state"].as_bool() == Some(false) {
+        println!(
+            "pin dir: {} (nothing pinned: aqd is not loaded)",
+            pin_dir.display()
+        );
+    } else {
+        println!("pin dir: {}", pin_dir.display());
+    }
     match view["attachments"].as_array() {
         Some(a) if !a.is_empty() => {
             for at in a {
@@ -99,6 +106,9 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
             }
         }
         _ => println!("attached: nowhere"),
+    }
+    if view.get("packets").is_none() {
+        return;
     }
     println!(
         "packets: {}  passed: {}  dropped: {}",
