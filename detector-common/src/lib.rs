@@ -10,9 +10,11 @@
 
 pub mod addr;
 pub mod event;
+pub mod syn;
 
 pub use addr::AddrKey;
 pub use event::{ConnEvent, DropEvent, EventHeader, EventKind, FlowTuple};
+pub use syn::SynSignature;
 
 /// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
 pub const LAYOUT_VERSION: u32 = 1;
