@@ -1,0 +1,26 @@
+//! `cargo xtask bench`: bootstrap, then the data-path benchmark (`cargo bench -p aqd-tests --bench datapath`).
+//!
+//! cargo's exit status is propagated as is (including when the bench target does not exist).
+
+use clap::Args;
+
+use crate::{bootstrap, util};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Passed to the benchmark after `--`, e.g. `cargo xtask bench -- --quick`.
+    #[arg(last = true)]
+    bench_args: Vec<String>,
+}
+
+/// `cargo xtask bench [-- <bench args>]`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    bootstrap::ensure()?;
+    let mut cargo = util::cargo();
+    cargo.args(["bench", "-p", "aqd-tests", "--bench", "datapath"]);
+    if !args.bench_args.is_empty() {
+        cargo.arg("--").args(&args.bench_args);
+    }
+    util::heading(&util::display(&cargo));
+    util::run(&mut cargo)
+}

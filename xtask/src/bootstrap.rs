@@ -1,0 +1,653 @@
+//! `cargo xtask bootstrap`: makes sure the eBPF toolchain and the test tools are installed.
+//!
+//! The eBPF crate is built by Debian's packaged Rust (`rustc-web`, with a precompiled `core` for
+//! `bpfel-unknown-none` in `libstd-rust-web-dev-bpf`) and linked by bpf-linker built against Debian's LLVM 22 —
+//! the same LLVM major as that rustc (see the README's toolchain note). The check only asks `dpkg-query` and
+//! `bpf-linker --version`, so it is near-instant when everything is present; installing runs `apt-get` (root)
+//! and `cargo install`. When it cannot install, it stops with the exact commands to run.
+
+use std::{
+    collections::HashMap,
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::util;
+
+/// The Debian Rust that builds the eBPF crate; all three packages are pinned to it.
+pub const RUST_WEB_VERSION: &str = "1.96.0+dfsg1-1~deb12u2";
+/// bpf-linker release, built with `--features llvm-22` against Debian's llvm-22-dev.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Where llvm-22-dev puts `llvm-config`, which bpf-linker's build looks for on `PATH`.
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+/// A Debian package the build or the tests need.
+#[derive(Debug)]
+struct DebPackage {
+    name: &'static str,
+    /// Exact version required; `None` = any installed version.
+    version: Option<&'static str>,
+    purpose: &'static str,
+}
+
+const DEB_PACKAGES: &[DebPackage] = &[
+    DebPackage {
+        name: "llvm-22-dev",
+        version: None,
+        purpose: "LLVM 22, which bpf-linker is built against",
+    },
+    DebPackage {
+        name: "rustc-web",
+        version: Some(RUST_WEB_VERSION),
+        purpose: "Debian's rustc, which compiles the eBPF crate",
+    },
+    DebPackage {
+        name: "cargo-web",
+        version: Some(RUST_WEB_VERSION),
+        purpose: "the cargo that goes with rustc-web",
+    },
+    DebPackage {
+        name: "libstd-rust-web-dev-bpf",
+        version: Some(RUST_WEB_VERSION),
+        purpose: "precompiled core/alloc for bpfel-unknown-none",
+    },
+    DebPackage {
+        name: "iproute2",
+        version: None,
+        purpose: "`ip` for network namespaces in tests and the demo",
+    },
+    DebPackage {
+        name: "ethtool",
+        version: None,
+        purpose: "veth offload settings in tests",
+    },
+    DebPackage {
+        name: "xdp-tools",
+        version: None,
+        purpose: "benchmark peer and baseline",
+    },
+    DebPackage {
+        name: "tcpdump",
+        version: None,
+        purpose: "packet captures in end-to-end tests",
+    },
+];
+
+#[derive(Args)]
+pub struct BootstrapArgs {
+    /// Only check: report what is missing and fail, without installing anything.
+    #[arg(long)]
+    check: bool,
+}
+
+/// `cargo xtask bootstrap [--check]`.
+pub fn run(args: &BootstrapArgs) -> anyhow::Result<()> {
+    if args.check {
+        let started = Instant::now();
+        let missing = Inventory::detect().missing();
+        if missing.is_empty() {
+            report_present(started);
+            return Ok(());
+        }
+        bail!("{}", instructions(&missing, "--check was given"));
+    }
+    ensure()
+}
+
+/// Installs whatever is missing; a near-instant no-op when everything is present. Every task that builds calls it.
+pub fn ensure() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let missing = Inventory::detect().missing();
+    if missing.is_empty() {
+        report_present(started);
+        return Ok(());
+    }
+    install(&missing)?;
+    let still_missing = Inventory::detect().missing();
+    if !still_missing.is_empty() {
+        bail!(
+            "{}",
+            instructions(&still_missing, "they are still missing after installing")
+        );
+    }
+    println!(
+        "bootstrap: installed everything in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn report_present(started: Instant) {
+    println!(
+        "bootstrap: eBPF toolchain present (rustc-web {RUST_WEB_VERSION}, llvm-22-dev, bpf-linker \
+         {BPF_LINKER_VERSION}; checked in {} ms)",
+        started.elapsed().as_millis()
+    );
+}
+
+/// What is on this machine.
+#[derive(Debug, Default)]
+struct Inventory {
+    /// Package name → state, for the packages dpkg knows.
+    packages: HashMap<String, DpkgEntry>,
+    /// `bpf-linker --version` of the bpf-linker that cargo children would run, if any.
+    bpf_linker: Option<(PathBuf, Option<String>)>,
+    /// rustup is on `PATH` (aya-build runs `rustup run /usr cargo build` for the eBPF crate).
+    rustup: bool,
+}
+
+/// One line of `dpkg-query -W`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DpkgEntry {
+    installed: bool,
+    version: String,
+}
+
+/// Something to install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Missing {
+    Deb {
+        name: &'static str,
+        version: Option<&'static str>,
+        purpose: &'static str,
+        /// Installed version, when a different one is installed.
+        found: Option<String>,
+    },
+    BpfLinker {
+        /// Path and version of a bpf-linker that is not the required one.
+        found: Option<(PathBuf, Option<String>)>,
+    },
+    Rustup,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Deb {
+                name,
+                version,
+                purpose,
+                found,
+            } => {
+                write!(f, "{}", deb_spec(name, *version))?;
+                write!(f, " ({purpose}): ")?;
+                match found {
+                    Some(v) => write!(f, "version {v} is installed"),
+                    None => write!(f, "not installed"),
+                }
+            }
+            Missing::BpfLinker { found } => {
+                write!(
+                    f,
+                    "bpf-linker {BPF_LINKER_VERSION} built with --features llvm-22 (links the eBPF object): "
+                )?;
+                match found {
+                    Some((path, Some(v))) => write!(f, "{} is version {v}", path.display()),
+                    Some((path, None)) => write!(f, "{} does not report a version", path.display()),
+                    None => write!(f, "not found on PATH or in $CARGO_HOME/bin"),
+                }
+            }
+            Missing::Rustup => write!(
+                f,
+                "rustup (aya-build builds the eBPF crate with `rustup run /usr cargo`): not found on PATH"
+            ),
+        }
+    }
+}
+
+impl Inventory {
+    fn detect() -> Self {
+        let names: Vec<&str> = DEB_PACKAGES.iter().map(|p| p.name).collect();
+        let packages = match Command::new("dpkg-query")
+            .args(["-W", "-f=${Package}\\t${db:Status-Abbrev}\\t${Version}\\n"])
+            .args(&names)
+            .output()
+        {
+            // dpkg-query exits 1 when some package is unknown; what it printed is still right.
+            Ok(out) => parse_dpkg_query(&String::from_utf8_lossy(&out.stdout)),
+            // No dpkg: not Debian; everything counts as missing and `install` explains.
+            Err(_) => HashMap::new(),
+        };
+        let path = util::child_path();
+        let bpf_linker = util::find_in_path("bpf-linker", &path).map(|linker| {
+            let version = Command::new(&linker)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|out| parse_bpf_linker_version(&String::from_utf8_lossy(&out.stdout)));
+            (linker, version)
+        });
+        Inventory {
+            packages,
+            bpf_linker,
+            rustup: util::find_in_path("rustup", &path).is_some(),
+        }
+    }
+
+    /// What must be installed, in install order.
+    fn missing(&self) -> Vec<Missing> {
+        let mut missing: Vec<Missing> = DEB_PACKAGES
+            .iter()
+            .filter_map(|p| {
+                let entry = self.packages.get(p.name).filter(|e| e.installed);
+                let ok = match (entry, p.version) {
+                    (Some(e), Some(wanted)) => e.version == wanted,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                (!ok).then(|| Missing::Deb {
+                    name: p.name,
+                    version: p.version,
+                    purpose: p.purpose,
+                    found: entry.map(|e| e.version.clone()),
+                })
+            })
+            .collect();
+        let linker_ok = matches!(&self.bpf_linker, Some((_, Some(v))) if v == BPF_LINKER_VERSION);
+        if !linker_ok {
+            missing.push(Missing::BpfLinker {
+                found: self.bpf_linker.clone(),
+            });
+        }
+        if !self.rustup {
+            missing.push(Missing::Rustup);
+        }
+        missing
+    }
+}
+
+/// Parses `dpkg-query -W -f='${Package}\t${db:Status-Abbrev}\t${Version}\n'`. A package counts as installed
+/// when the second status letter is `i` (`ii`, `hi`); `rc` (removed, config files left) does not.
+fn parse_dpkg_query(output: &str) -> HashMap<String, DpkgEntry> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let name = fields.next()?.trim();
+            let status = fields.next()?;
+            let version = fields.next()?.trim();
+            if name.is_empty() {
+                return None;
+            }
+            let installed = status.chars().nth(1) == Some('i') && !version.is_empty();
+            Some((
+                name.to_string(),
+                DpkgEntry {
+                    installed,
+                    version: version.to_string(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `bpf-linker 0.13.0` → `0.13.0`.
+fn parse_bpf_linker_version(output: &str) -> Option<String> {
+    let line = output.lines().find(|l| !l.trim().is_empty())?;
+    let version = line
+        .trim()
+        .strip_prefix("bpf-linker")?
+        .split_whitespace()
+        .next()?;
+    version
+        .chars()
+        .next()
+        .filter(char::is_ascii_digit)
+        .map(|_| version.to_string())
+}
+
+fn deb_spec(name: &str, version: Option<&str>) -> String {
+    match version {
+        Some(v) => format!("{name}={v}"),
+        None => name.to_string(),
+    }
+}
+
+fn apt_install_args(missing: &[Missing]) -> Vec<String> {
+    missing
+        .iter()
+        .filter_map(|m| match m {
+            Missing::Deb { name, version, .. } => Some(deb_spec(name, *version)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn bpf_linker_install_args() -> [&'static str; 8] {
+    [
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]
+}
+
+/// The commands that install `missing`, one per line, as a root shell would run them.
+fn commands(missing: &[Missing]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let debs = apt_install_args(missing);
+    if !debs.is_empty() {
+        lines.push("apt-get update".to_string());
+        lines.push(format!(
+            "apt-get install -y --no-install-recommends {}",
+            debs.join(" ")
+        ));
+    }
+    if missing.iter().any(|m| matches!(m, Missing::BpfLinker { .. })) {
+        lines.push(format!(
+            "PATH={LLVM_BIN}:$PATH cargo {}",
+            bpf_linker_install_args().join(" ")
+        ));
+    }
+    if missing.contains(&Missing::Rustup) {
+        lines.push(
+            "# rustup: install it as described on https://rustup.rs (its stable toolchain builds userspace)"
+                .into(),
+        );
+    }
+    lines
+}
+
+/// The error text when bootstrap cannot (or may not) install: what is missing, why, and the exact commands.
+fn instructions(missing: &[Missing], why: &str) -> String {
+    let mut text = String::from("the eBPF toolchain is incomplete:\n");
+    for m in missing {
+        text.push_str(&format!("  - {m}\n"));
+    }
+    text.push_str(&format!("`cargo xtask bootstrap` did not install them: {why}.\n"));
+    text.push_str(
+        "Install them yourself (apt-get as root; Debian 12 bookworm with bookworm-security in the apt sources), \
+         then rerun:\n",
+    );
+    for line in commands(missing) {
+        text.push_str(&format!("    {line}\n"));
+    }
+    text.push_str("(the README's \"Toolchain\" section explains the pins)");
+    text
+}
+
+/// What `install` needs from the host.
+#[derive(Debug, Clone, Copy)]
+struct Host {
+    root: bool,
+    /// apt-get on `PATH` and /etc/debian_version present.
+    apt: bool,
+    /// `llvm-config` of LLVM 22 present (bpf-linker's build needs it).
+    llvm_config: bool,
+}
+
+impl Host {
+    fn detect() -> Self {
+        Host {
+            root: util::is_root(),
+            apt: util::find_in_path("apt-get", &env::var_os("PATH").unwrap_or_default()).is_some()
+                && Path::new("/etc/debian_version").exists(),
+            llvm_config: Path::new(LLVM_BIN).join("llvm-config").exists(),
+        }
+    }
+}
+
+/// Why `missing` cannot be installed on `host`, if it cannot. Checked before changing anything.
+fn cannot_install(missing: &[Missing], host: Host) -> Option<String> {
+    let debs = !apt_install_args(missing).is_empty();
+    let linker = missing.iter().any(|m| matches!(m, Missing::BpfLinker { .. }));
+    let llvm_from_apt = missing.iter().any(|m| {
+        matches!(
+            m,
+            Missing::Deb {
+                name: "llvm-22-dev",
+                ..
+            }
+        )
+    });
+    if missing.contains(&Missing::Rustup) {
+        Some("rustup is not a Debian package; install it first".into())
+    } else if debs && !host.apt {
+        Some("this is not a Debian system with apt-get (the pinned packages are Debian 12's)".into())
+    } else if debs && !host.root {
+        Some("installing Debian packages needs root".into())
+    } else if linker && !host.llvm_config && !llvm_from_apt {
+        Some(format!(
+            "{LLVM_BIN}/llvm-config is missing although llvm-22-dev is installed"
+        ))
+    } else {
+        None
+    }
+}
+
+fn install(missing: &[Missing]) -> anyhow::Result<()> {
+    if let Some(why) = cannot_install(missing, Host::detect()) {
+        bail!("{}", instructions(missing, &why));
+    }
+    util::heading("bootstrap: installing the missing parts of the eBPF toolchain");
+    for m in missing {
+        println!("    missing: {m}");
+    }
+    let debs = apt_install_args(missing);
+    if !debs.is_empty() {
+        apt_get(&["update"], missing)?;
+        let mut install = vec!["install", "-y", "--no-install-recommends"];
+        install.extend(debs.iter().map(String::as_str));
+        apt_get(&install, missing)?;
+    }
+    if missing.iter().any(|m| matches!(m, Missing::BpfLinker { .. })) {
+        let mut cargo = util::cargo();
+        // Outside the workspace, so its .cargo/config.toml does not apply to the install.
+        cargo
+            .current_dir(env::temp_dir())
+            .env("PATH", util::path_with(&[PathBuf::from(LLVM_BIN)]))
+            .args(bpf_linker_install_args());
+        util::heading(&format!("PATH={LLVM_BIN}:$PATH {}", util::display(&cargo)));
+        if let Err(e) = util::run(&mut cargo) {
+            bail!("{}", instructions(missing, &format!("{e:#}")));
+        }
+    }
+    Ok(())
+}
+
+fn apt_get(args: &[&str], missing: &[Missing]) -> anyhow::Result<()> {
+    let mut cmd = Command::new("apt-get");
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    util::heading(&util::display(&cmd));
+    util::run(&mut cmd).map_err(|e| anyhow::anyhow!("{}", instructions(missing, &format!("{e:#}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory(dpkg_output: &str, linker: Option<&str>) -> Inventory {
+        Inventory {
+            packages: parse_dpkg_query(dpkg_output),
+            bpf_linker: linker.map(|out| {
+                (
+                    PathBuf::from("/root/.cargo/bin/bpf-linker"),
+                    parse_bpf_linker_version(out),
+                )
+            }),
+            rustup: true,
+        }
+    }
+
+    const ALL_PRESENT: &str = "llvm-22-dev\tii \t1:22.1.8-1~deb12u1\n\
+        rustc-web\tii \t1.96.0+dfsg1-1~deb12u2\n\
+        cargo-web\tii \t1.96.0+dfsg1-1~deb12u2\n\
+        libstd-rust-web-dev-bpf\tii \t1.96.0+dfsg1-1~deb12u2\n\
+        iproute2\tii \t6.1.0-3\n\
+        ethtool\tii \t1:6.1-1\n\
+        xdp-tools\tii \t1.3.1-1\n\
+        tcpdump\tii \t4.99.3-1\n";
+
+    #[test]
+    fn bpf_linker_version_is_parsed() {
+        assert_eq!(
+            parse_bpf_linker_version("bpf-linker 0.13.0\n").as_deref(),
+            Some("0.13.0")
+        );
+        assert_eq!(
+            parse_bpf_linker_version("\nbpf-linker 0.9.14 \n").as_deref(),
+            Some("0.9.14")
+        );
+        assert_eq!(parse_bpf_linker_version("bpf-linker\n"), None);
+        assert_eq!(parse_bpf_linker_version("error: unexpected argument\n"), None);
+        assert_eq!(parse_bpf_linker_version(""), None);
+    }
+
+    #[test]
+    fn dpkg_states_are_parsed() {
+        let parsed = parse_dpkg_query(
+            "rustc-web\tii \t1.96.0+dfsg1-1~deb12u2\nethtool\trc \t1:6.1-1\nxdp-tools\thi \t1.3.1-1\ntcpdump\tun \t\n",
+        );
+        assert_eq!(
+            parsed["rustc-web"],
+            DpkgEntry {
+                installed: true,
+                version: RUST_WEB_VERSION.into()
+            }
+        );
+        assert!(
+            !parsed["ethtool"].installed,
+            "removed with config files left is not installed"
+        );
+        assert!(parsed["xdp-tools"].installed, "held packages are installed");
+        assert!(!parsed["tcpdump"].installed);
+    }
+
+    #[test]
+    fn nothing_is_missing_when_all_is_present() {
+        assert_eq!(
+            inventory(ALL_PRESENT, Some("bpf-linker 0.13.0\n")).missing(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn wrong_rust_version_and_linker_are_reported() {
+        let out = ALL_PRESENT.replace(
+            "rustc-web\tii \t1.96.0+dfsg1-1~deb12u2",
+            "rustc-web\tii \t1.85.0+dfsg3-1~deb12u3",
+        );
+        let missing = inventory(&out, Some("bpf-linker 0.12.1\n")).missing();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(
+            matches!(&missing[0], Missing::Deb { name: "rustc-web", found: Some(v), .. } if v == "1.85.0+dfsg3-1~deb12u3")
+        );
+        assert!(matches!(&missing[1], Missing::BpfLinker { found: Some((_, Some(v))) } if v == "0.12.1"));
+        assert_eq!(
+            commands(&missing),
+            vec![
+                "apt-get update".to_string(),
+                format!("apt-get install -y --no-install-recommends rustc-web={RUST_WEB_VERSION}"),
+                format!(
+                    "PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --version {BPF_LINKER_VERSION} \
+                     --locked --no-default-features --features llvm-22"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn fresh_machine_needs_everything_with_exact_pins() {
+        let fresh = Inventory {
+            rustup: true,
+            ..Default::default()
+        };
+        let missing = fresh.missing();
+        assert_eq!(missing.len(), DEB_PACKAGES.len() + 1);
+        let cmds = commands(&missing);
+        assert_eq!(
+            cmds[1],
+            format!(
+                "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
+                 libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump",
+                v = RUST_WEB_VERSION
+            )
+        );
+        let text = instructions(&missing, "installing Debian packages needs root");
+        assert!(text.contains("needs root"), "{text}");
+        assert!(text.contains("bpf-linker 0.13.0"), "{text}");
+        assert!(text.contains("    apt-get update\n"), "{text}");
+    }
+
+    #[test]
+    fn install_is_refused_with_the_reason_before_anything_changes() {
+        let fresh = Inventory {
+            rustup: true,
+            ..Default::default()
+        }
+        .missing();
+        let root_debian = Host {
+            root: true,
+            apt: true,
+            llvm_config: false,
+        };
+        assert_eq!(
+            cannot_install(&fresh, root_debian),
+            None,
+            "llvm-22-dev comes from apt first"
+        );
+        let user = Host {
+            root: false,
+            ..root_debian
+        };
+        assert!(cannot_install(&fresh, user).unwrap().contains("needs root"));
+        let other_distro = Host {
+            apt: false,
+            ..root_debian
+        };
+        assert!(
+            cannot_install(&fresh, other_distro)
+                .unwrap()
+                .contains("not a Debian system")
+        );
+
+        // Only bpf-linker missing: no root needed (cargo install), but LLVM 22 must be there.
+        let linker_only = inventory(ALL_PRESENT, None).missing();
+        let user_with_llvm = Host {
+            root: false,
+            apt: true,
+            llvm_config: true,
+        };
+        assert_eq!(cannot_install(&linker_only, user_with_llvm), None);
+        let broken_llvm = Host {
+            llvm_config: false,
+            ..user_with_llvm
+        };
+        assert!(
+            cannot_install(&linker_only, broken_llvm)
+                .unwrap()
+                .contains("llvm-config")
+        );
+
+        let mut no_rustup = inventory(ALL_PRESENT, Some("bpf-linker 0.13.0"));
+        no_rustup.rustup = false;
+        let missing = no_rustup.missing();
+        assert_eq!(missing, vec![Missing::Rustup]);
+        assert!(cannot_install(&missing, root_debian).unwrap().contains("rustup"));
+        assert!(commands(&missing)[0].contains("https://rustup.rs"));
+    }
+
+    #[test]
+    fn bpf_linker_without_version_output_is_missing() {
+        let missing = inventory(ALL_PRESENT, Some("")).missing();
+        assert!(matches!(
+            &missing[..],
+            [Missing::BpfLinker {
+                found: Some((_, None))
+            }]
+        ));
+        assert!(matches!(
+            &inventory(ALL_PRESENT, None).missing()[..],
+            [Missing::BpfLinker { found: None }]
+        ));
+    }
+}
