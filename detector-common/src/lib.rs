@@ -61,7 +61,7 @@ pub const FLOOR_PROGRAM_NAME: &str = "aqd_floor";
 /// from production loads.
 pub const TEST_CLOCK_GLOBAL: &str = "AQD_TEST_CLOCK";
 
-/// How many ever-shorter prefixes the kernel tries when the longest matching list prefix has expired.
+/// List-prefix lookups per packet at most: the longest match, then shorter ones while the match found has expired.
 pub const MAX_EXPIRED_PREFIX_STEPS: usize = 4;
 
 /// Capacities. Userspace reports fill levels against these.

@@ -5,7 +5,7 @@
 //! - not IPv4/IPv6 after ≤ 2 VLAN tags → [`ParseError::NotIp`];
 //! - IP header truncated or invalid (version, IHL < 5) → [`ParseError::Malformed`];
 //! - a valid IP header whose transport ports cannot be read (non-first fragment, extension chain longer than
-//!   [`MAX_IPV6_EXT_HEADERS`], fewer than 4 bytes of TCP/UDP) → a [`Packet`] without ports: address rules apply,
+//!   [`MAX_IPV6_EXT_HEADERS`], fewer than 4 bytes of TCP or 8 of UDP) → a [`Packet`] without ports: address rules apply,
 //!   and the classifier treats TCP/UDP/unknown packets without ports as aimed at a protected port (see main.rs).
 
 use aya_ebpf::programs::XdpContext;
@@ -138,7 +138,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     let mut transport_found = false;
     let mut first_fragment = true;
     // One pass more than the header limit, so the header after the last allowed extension is still seen.
-    for _ in 0..=MAX_IPV6_EXT_HEADERS {
+    for i in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let Some(ext) = read::<[u8; 2]>(ctx, offset) else {
@@ -159,8 +159,23 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
                     break;
                 };
                 next = ext[0];
-                first_fragment = u16::from_be_bytes([ext[2], ext[3]]) >> 3 == 0;
                 offset += 8;
+                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                    // A non-first fragment: what follows is the middle of the payload, not headers. Its protocol
+                    // is the one this header names, unless that is another extension header, or this header is
+                    // already one too many: then the protocol is unknown.
+                    first_fragment = false;
+                    transport_found = i < MAX_IPV6_EXT_HEADERS
+                        && !matches!(
+                            next,
+                            IPPROTO_HOPOPTS
+                                | IPPROTO_ROUTING
+                                | IPPROTO_DSTOPTS
+                                | IPPROTO_FRAGMENT
+                                | IPPROTO_AH
+                        );
+                    break;
+                }
             }
             _ => {
                 transport_found = true;

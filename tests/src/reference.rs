@@ -1,0 +1,597 @@
+//! A userspace reference model of the XDP program's verdict: pure Rust, no kernel, no aya.
+//!
+//! The differential test (`tests/kernel_differential.rs`) runs the same frames through this model and through
+//! the real program and demands the same [`Reason`] for every one. The model is written from the *documented*
+//! contract (the module docs of `detector-ebpf/src/main.rs` and `parse.rs`, the docs in `detector-common`), not
+//! by transcribing the kernel code, so a disagreement points at one of the two.
+//!
+//! What it models:
+//! - parsing: Ethernet, ≤ 2 VLAN tags (0x8100 / 0x88A8, in any order), IPv4 (options allowed), IPv6 with up to
+//!   [`MAX_IPV6_EXT_HEADERS`] extension headers (hop-by-hop, routing, destination options, fragment, AH), TCP and
+//!   UDP. Not IP after the tags → [`Reason::PassNotIp`]; a cut-off tag or IP header, a wrong IP version, IHL < 5
+//!   → [`Reason::PassMalformed`];
+//! - ports: read from a first (or unfragmented) packet's TCP header once its first 4 bytes are there (RFC 1858
+//!   tiny fragments), with the flags when byte 13 is there too — a TCP header too short for its flags is a new
+//!   connection; from a complete 8-byte UDP header;
+//! - which packets the limits see: with ports, those to a protected port; without ports, TCP, UDP and packets
+//!   whose transport is unknown (see [`Transport::NoPorts`]) — so fragmenting is no way around the limits;
+//! - the rule order: allowlist (exact, prefix) → denylist (exact, prefix) → the most specific live decision
+//!   (exact address, then its /24 or /64) → rate limits;
+//! - expiry: an entry with `expires_ns != 0 && expires_ns <= now` is ignored. Among the prefixes covering a
+//!   source, the longest wins; an expired one passes the question to the next shorter one, for at most
+//!   [`MAX_EXPIRED_PREFIX_STEPS`] prefixes in all;
+//! - the limiter: one GCRA state per source (shared by every rate class), a new source starting at "now", the
+//!   packet limit checked before the connection limit (SYN without ACK), and a packet dropped by the connection
+//!   limit not consuming a packet token;
+//! - the address mapping of `detector_common::addr`: IPv4 lives IPv4-mapped (`::ffff:a.b.c.d`) in one 128-bit
+//!   space, so an IPv6 source `::ffff:a.b.c.d` *is* the IPv4 source `a.b.c.d` for every rule and limiter, and
+//!   an IPv6 prefix covering `::ffff:0:0/96` covers IPv4 sources.
+//!
+//! etherparse reads the headers whose checks are exactly the contract's: Ethernet II, one VLAN tag, the IPv4
+//! header (it checks version, IHL ≥ 5 and that the options are in the slice, and — like the program — ignores
+//! the total length) and the fixed IPv6 header. The rest is read by hand, because etherparse's slices demand
+//! whole headers where the contract needs a few bytes: TCP (etherparse wants `data_offset * 4` bytes; ports need
+//! 4), and the IPv6 extension headers ([`ipv6_transport`]). The whole-packet slicers (`SlicedPacket`,
+//! `LaxSlicedPacket`) are not used: they treat 0x9100 as a VLAN tag, follow more than two tags, check the IP
+//! length fields against the frame, and stop at their own extension-header limit — none of which the program
+//! does.
+//!
+//! Frames must be shorter than 2048 bytes, the program's bound on any header offset (`MAX_OFFSET` in
+//! `parse.rs`); below it the bound never decides anything, so the model ignores it.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use detector_common::{Action, Bucket, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, capacity};
+use etherparse::{
+    EtherType, Ethernet2HeaderSlice, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice, SingleVlanHeaderSlice,
+};
+use ipnet::IpNet;
+
+/// IPv6 extension headers the parser follows; the header after the last of them is still recognised.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// The largest frame the model is valid for (see the module docs).
+pub const MAX_FRAME_LEN: usize = 2048;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// What the parser made of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    NotIp,
+    Malformed,
+    Ip {
+        /// The source address, IPv4-mapped sources folded to IPv4 (see the module docs).
+        src: IpAddr,
+        transport: Transport,
+    },
+}
+
+/// What the verdict needs from the transport layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Ports {
+        dst_port: u16,
+        /// A TCP SYN without ACK (or a TCP header cut off before its flags): a new connection.
+        new_connection: bool,
+    },
+    NoPorts {
+        /// The transport protocol; `None` when the parser could not tell (an IPv6 extension chain cut off or
+        /// longer than [`MAX_IPV6_EXT_HEADERS`], or a non-first fragment whose fragment header names another
+        /// extension header).
+        proto: Option<u8>,
+    },
+}
+
+impl Transport {
+    /// Whether the rate limits apply, given the protected ports.
+    fn limited(&self, protected_ports: &[u16]) -> bool {
+        match *self {
+            Self::Ports { dst_port, .. } => protected_ports.contains(&dst_port),
+            // The program marks "unknown" with protocol number 0 (`PROTO_UNKNOWN`), so an IPv4 packet naming
+            // protocol 0 (HOPOPT, meaningless in IPv4) counts as unknown too: modelled as the program does it
+            // (a conservative reading, and such packets are bogus anyway).
+            Self::NoPorts { proto } => matches!(proto, None | Some(0) | Some(TCP) | Some(UDP)),
+        }
+    }
+
+    fn new_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Ports {
+                new_connection: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Parses a frame the way the contract of `detector-ebpf/src/parse.rs` says.
+pub fn parse(frame: &[u8]) -> Parsed {
+    assert!(
+        frame.len() < MAX_FRAME_LEN,
+        "the model covers frames below {MAX_FRAME_LEN} bytes"
+    );
+    let Ok(eth) = Ethernet2HeaderSlice::from_slice(frame) else {
+        return Parsed::NotIp;
+    };
+    let mut ether_type = eth.ether_type();
+    let mut rest = &frame[eth.slice().len()..];
+    for _ in 0..2 {
+        if ether_type != EtherType::VLAN_TAGGED_FRAME && ether_type != EtherType::PROVIDER_BRIDGING {
+            break;
+        }
+        // A tag announced but cut off is a truncated header, like a cut-off IP header.
+        let Ok(tag) = SingleVlanHeaderSlice::from_slice(rest) else {
+            return Parsed::Malformed;
+        };
+        ether_type = tag.ether_type();
+        rest = &rest[tag.slice().len()..];
+    }
+    match ether_type {
+        EtherType::IPV4 => ipv4(rest),
+        EtherType::IPV6 => ipv6(rest),
+        _ => Parsed::NotIp,
+    }
+}
+
+fn ipv4(packet: &[u8]) -> Parsed {
+    let Ok(ip) = Ipv4HeaderSlice::from_slice(packet) else {
+        return Parsed::Malformed;
+    };
+    let src = IpAddr::V4(ip.source_addr());
+    let proto = ip.protocol().0;
+    // Only the first fragment (offset 0; the MF flag does not matter) carries the transport header.
+    let transport = if ip.fragments_offset().value() == 0 {
+        transport(proto, &packet[ip.slice().len()..])
+    } else {
+        Transport::NoPorts { proto: Some(proto) }
+    };
+    Parsed::Ip { src, transport }
+}
+
+fn ipv6(packet: &[u8]) -> Parsed {
+    // Checks exactly: 40 bytes present, version 6; the payload length field is not looked at.
+    let Ok(ip) = Ipv6HeaderSlice::from_slice(packet) else {
+        return Parsed::Malformed;
+    };
+    Parsed::Ip {
+        src: fold_v4_mapped(ip.source_addr()),
+        transport: ipv6_transport(ip.next_header().0, &packet[ip.slice().len()..]),
+    }
+}
+
+fn is_ipv6_ext(proto: u8) -> bool {
+    let p = IpNumber(proto);
+    p == IpNumber::IPV6_HEADER_HOP_BY_HOP
+        || p == IpNumber::IPV6_ROUTE_HEADER
+        || p == IpNumber::IPV6_DESTINATION_OPTIONS
+        || p == IpNumber::IPV6_FRAGMENTATION_HEADER
+        || p == IpNumber::AUTHENTICATION_HEADER
+}
+
+/// Follows the extension headers after the fixed IPv6 header (`rest` starts right after it).
+///
+/// A header is followed once the fields that lead on are in the frame — next header and length (2 bytes), for
+/// the fragment header also its offset (4 bytes) — whether or not the rest of it is: what would come after a
+/// cut-off header lies past the end of the frame, so only the protocol it names is learnt. etherparse's
+/// extension-header slices demand the whole header and so would lose that protocol.
+fn ipv6_transport(first: u8, rest: &[u8]) -> Transport {
+    let unknown = Transport::NoPorts { proto: None };
+    let mut next = first;
+    let mut at = 0usize;
+    let mut followed = 0;
+    while is_ipv6_ext(next) {
+        if followed == MAX_IPV6_EXT_HEADERS {
+            return unknown;
+        }
+        followed += 1;
+        let field = |i: usize| rest.get(at + i).copied();
+        let (Some(next_header), Some(len)) = (field(0), field(1)) else {
+            return unknown;
+        };
+        let header_len = match IpNumber(next) {
+            IpNumber::AUTHENTICATION_HEADER => (len as usize + 2) * 4,
+            IpNumber::IPV6_FRAGMENTATION_HEADER => {
+                let (Some(hi), Some(lo)) = (field(2), field(3)) else {
+                    return unknown;
+                };
+                if u16::from_be_bytes([hi, lo]) >> 3 != 0 {
+                    // A non-first fragment: what follows its fragment header is the middle of the original
+                    // payload, whatever it looks like. The protocol is the one the fragment header names,
+                    // unless that is another extension header (of the fragmentable part): then unknown.
+                    return Transport::NoPorts {
+                        proto: (!is_ipv6_ext(next_header)).then_some(next_header),
+                    };
+                }
+                8
+            }
+            _ => (len as usize + 1) * 8,
+        };
+        next = next_header;
+        at += header_len;
+    }
+    transport(next, rest.get(at..).unwrap_or(&[]))
+}
+
+/// The transport of a first (or unfragmented) packet whose transport header, of protocol `proto`, starts `l4`.
+fn transport(proto: u8, l4: &[u8]) -> Transport {
+    let no_ports = Transport::NoPorts { proto: Some(proto) };
+    match proto {
+        TCP => {
+            let Some(ports) = l4.get(..4) else {
+                return no_ports;
+            };
+            let new_connection = match l4.get(13) {
+                Some(flags) => flags & 0x02 != 0 && flags & 0x10 == 0,
+                None => true,
+            };
+            Transport::Ports {
+                dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+                new_connection,
+            }
+        }
+        // Ports only from a complete UDP header.
+        UDP => match l4.get(..8) {
+            Some(udp) => Transport::Ports {
+                dst_port: u16::from_be_bytes([udp[2], udp[3]]),
+                new_connection: false,
+            },
+            None => no_ports,
+        },
+        _ => no_ports,
+    }
+}
+
+/// `::ffff:a.b.c.d` is `a.b.c.d` (one key space, see the module docs).
+fn fold_v4_mapped(addr: Ipv6Addr) -> IpAddr {
+    match addr.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(addr),
+    }
+}
+
+/// An address or prefix in the one 128-bit key space: (bits, prefix length).
+fn key_space(net: IpNet) -> (u128, u32) {
+    match net {
+        IpNet::V4(n) => (
+            u128::from(n.network().to_ipv6_mapped()),
+            96 + n.prefix_len() as u32,
+        ),
+        IpNet::V6(n) => (u128::from(n.network()), n.prefix_len() as u32),
+    }
+}
+
+fn key_of(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn net_contains(net: IpNet, addr: IpAddr) -> bool {
+    let (bits, len) = key_space(net);
+    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    key_of(addr) & mask == bits
+}
+
+/// Whether `net` is a single address.
+fn is_host(net: IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+/// The allowlist or the denylist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListKind {
+    Allow,
+    Deny,
+}
+
+/// A list hit: on the exact address, or on a prefix containing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListHit {
+    Exact,
+    Prefix,
+}
+
+/// A decision as the model stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefDecision {
+    /// An [`Action`] value; anything else is a decision that does nothing (but still wins over a less specific
+    /// one, because it exists).
+    pub action: u8,
+    pub rate_class: u8,
+    pub expires_ns: u64,
+}
+
+/// The whole state the verdict depends on, and the verdict.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    now: u64,
+    /// `(net, expires_ns)`; single addresses are /32 or /128 entries. One entry per net.
+    allow: Vec<(IpNet, u64)>,
+    deny: Vec<(IpNet, u64)>,
+    /// Keyed by a single address or a /24 (IPv4) or /64 (IPv6).
+    decisions: Vec<(IpNet, RefDecision)>,
+    rate_classes: Vec<RateClass>,
+    protected_ports: Vec<u16>,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+fn live(expires_ns: u64, now: u64) -> bool {
+    expires_ns == 0 || expires_ns > now
+}
+
+impl Reference {
+    pub fn new(now_ns: u64) -> Self {
+        Self {
+            now: now_ns,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            decisions: Vec::new(),
+            rate_classes: vec![RateClass::UNLIMITED; capacity::RATE_CLASSES as usize],
+            protected_ports: Vec::new(),
+            buckets: HashMap::new(),
+        }
+    }
+
+    pub fn set_now(&mut self, now_ns: u64) {
+        self.now = now_ns;
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    fn list_mut(&mut self, list: ListKind) -> &mut Vec<(IpNet, u64)> {
+        match list {
+            ListKind::Allow => &mut self.allow,
+            ListKind::Deny => &mut self.deny,
+        }
+    }
+
+    /// Adds or replaces `net` (host bits must be clear) with an absolute expiry (0 = never).
+    pub fn list_put(&mut self, list: ListKind, net: IpNet, expires_ns: u64) {
+        assert_eq!(net, net.trunc(), "list entries have no host bits");
+        let entries = self.list_mut(list);
+        match entries.iter_mut().find(|(n, _)| *n == net) {
+            Some(entry) => entry.1 = expires_ns,
+            None => entries.push((net, expires_ns)),
+        }
+    }
+
+    pub fn list_remove(&mut self, list: ListKind, net: IpNet) {
+        self.list_mut(list).retain(|(n, _)| *n != net);
+    }
+
+    /// Adds or replaces the decision on a single address or on a /24 (IPv4) or /64 (IPv6).
+    pub fn decision_put(&mut self, net: IpNet, decision: RefDecision) {
+        assert_eq!(net, net.trunc(), "decision scopes have no host bits");
+        let scope_ok = is_host(net)
+            || matches!(net, IpNet::V4(n) if n.prefix_len() == 24)
+            || matches!(net, IpNet::V6(n) if n.prefix_len() == 64);
+        assert!(scope_ok, "{net} is not a decision scope");
+        match self.decisions.iter_mut().find(|(n, _)| *n == net) {
+            Some(entry) => entry.1 = decision,
+            None => self.decisions.push((net, decision)),
+        }
+    }
+
+    pub fn decision_remove(&mut self, net: IpNet) {
+        self.decisions.retain(|(n, _)| *n != net);
+    }
+
+    pub fn set_rate_class(&mut self, class: u32, limits: RateClass) {
+        self.rate_classes[class as usize] = limits;
+    }
+
+    pub fn set_protected_ports(&mut self, ports: &[u16]) {
+        self.protected_ports = ports.to_vec();
+    }
+
+    /// The reason the program must give for `frame` at the current time; updates the limiter state.
+    pub fn classify(&mut self, frame: &[u8]) -> Reason {
+        let (src, transport) = match parse(frame) {
+            Parsed::NotIp => return Reason::PassNotIp,
+            Parsed::Malformed => return Reason::PassMalformed,
+            Parsed::Ip { src, transport } => (src, transport),
+        };
+        match self.list_hit(ListKind::Allow, src) {
+            Some(ListHit::Exact) => return Reason::PassAllowExact,
+            Some(ListHit::Prefix) => return Reason::PassAllowPrefix,
+            None => {}
+        }
+        match self.list_hit(ListKind::Deny, src) {
+            Some(ListHit::Exact) => return Reason::DropDenyExact,
+            Some(ListHit::Prefix) => return Reason::DropDenyPrefix,
+            None => {}
+        }
+
+        // The most specific live decision: the address itself, else its /24 or /64.
+        let host = IpNet::from(src);
+        let scope = match src {
+            IpAddr::V4(_) => IpNet::new(src, 24),
+            IpAddr::V6(_) => IpNet::new(src, 64),
+        }
+        .expect("valid scope length")
+        .trunc();
+        let (decision, exact) = match self.live_decision(host) {
+            Some(d) => (Some(d), true),
+            None => (self.live_decision(scope), false),
+        };
+        let (class, pass_reason) = match decision.map(|d| (Action::from_u8(d.action), d.rate_class)) {
+            Some((Some(Action::Block), _)) if exact => return Reason::DropBlockExact,
+            Some((Some(Action::Block), _)) => return Reason::DropBlockPrefix,
+            Some((Some(Action::Throttle), class)) => (class as usize, Reason::PassThrottled),
+            Some((Some(Action::Monitor), _)) => (0, Reason::PassMonitor),
+            Some((None, _)) | None => (0, Reason::PassDefault),
+        };
+
+        // Limits, by the source's class (0 unless throttled), for the traffic they apply to.
+        if !transport.limited(&self.protected_ports) {
+            return pass_reason;
+        }
+        let Some(limits) = self.rate_classes.get(class).copied() else {
+            return pass_reason;
+        };
+        match self.rate_limit(src, limits, transport.new_connection()) {
+            Some(drop) => drop,
+            None => pass_reason,
+        }
+    }
+
+    fn list_hit(&self, list: ListKind, src: IpAddr) -> Option<ListHit> {
+        let entries = match list {
+            ListKind::Allow => &self.allow,
+            ListKind::Deny => &self.deny,
+        };
+        let live_exact = entries
+            .iter()
+            .any(|&(net, expires_ns)| is_host(net) && net_contains(net, src) && live(expires_ns, self.now));
+        if live_exact {
+            return Some(ListHit::Exact);
+        }
+        // The covering prefixes, longest first; the first live one among the first few decides.
+        let mut covering: Vec<(u32, u64)> = entries
+            .iter()
+            .filter(|&&(net, _)| !is_host(net) && net_contains(net, src))
+            .map(|&(net, expires_ns)| (key_space(net).1, expires_ns))
+            .collect();
+        covering.sort_unstable_by_key(|&(len, _)| std::cmp::Reverse(len));
+        covering
+            .iter()
+            .take(MAX_EXPIRED_PREFIX_STEPS)
+            .any(|&(_, expires_ns)| live(expires_ns, self.now))
+            .then_some(ListHit::Prefix)
+    }
+
+    fn live_decision(&self, net: IpNet) -> Option<RefDecision> {
+        self.decisions
+            .iter()
+            .find(|(n, d)| *n == net && live(d.expires_ns, self.now))
+            .map(|(_, d)| *d)
+    }
+
+    /// GCRA on the source's state; the drop reason when over a limit. The state moves only when the packet
+    /// conforms to every limit that applies.
+    fn rate_limit(&mut self, src: IpAddr, limits: RateClass, new_connection: bool) -> Option<Reason> {
+        let limit_packets = limits.packet_interval_ns != 0;
+        let limit_conns = new_connection && limits.conn_interval_ns != 0;
+        if !limit_packets && !limit_conns {
+            return None;
+        }
+        let now = self.now;
+        let bucket = self.buckets.entry(src).or_insert(Bucket {
+            packet_tat_ns: now,
+            conn_tat_ns: now,
+        });
+        let mut next = *bucket;
+        if limit_packets {
+            match gcra_step(
+                bucket.packet_tat_ns,
+                now,
+                limits.packet_interval_ns,
+                limits.packet_tolerance_ns,
+            ) {
+                Some(tat) => next.packet_tat_ns = tat,
+                None => return Some(Reason::DropRatePackets),
+            }
+        }
+        if limit_conns {
+            match gcra_step(
+                bucket.conn_tat_ns,
+                now,
+                limits.conn_interval_ns,
+                limits.conn_tolerance_ns,
+            ) {
+                Some(tat) => next.conn_tat_ns = tat,
+                None => return Some(Reason::DropRateConnections),
+            }
+        }
+        *bucket = next;
+        None
+    }
+}
+
+impl Reference {
+    /// The limiter state of `src`, if a limit ever applied to it.
+    pub fn bucket(&self, src: IpAddr) -> Option<Bucket> {
+        self.buckets.get(&src).copied()
+    }
+
+    /// The state that bears on `src`'s verdict (matching list entries, decisions, limiter), for mismatch reports.
+    pub fn rules_for(&self, src: IpAddr) -> String {
+        let src = match src {
+            IpAddr::V6(a) => fold_v4_mapped(a),
+            v4 => v4,
+        };
+        let state = |expires_ns: u64| {
+            let liveness = if live(expires_ns, self.now) {
+                "live"
+            } else {
+                "expired"
+            };
+            format!("expires {expires_ns} ({liveness})")
+        };
+        let mut out = Vec::new();
+        for (name, entries) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for &(net, expires_ns) in entries.iter().filter(|(net, _)| net_contains(*net, src)) {
+                out.push(format!("  {name} {net}: {}", state(expires_ns)));
+            }
+        }
+        for (net, d) in self.decisions.iter().filter(|(net, _)| net_contains(*net, src)) {
+            out.push(format!(
+                "  decision {net}: action {} class {}, {}",
+                d.action,
+                d.rate_class,
+                state(d.expires_ns)
+            ));
+        }
+        if let Some(b) = self.buckets.get(&src) {
+            out.push(format!(
+                "  bucket: packet TAT {} conn TAT {}",
+                b.packet_tat_ns, b.conn_tat_ns
+            ));
+        }
+        if out.is_empty() {
+            out.push("  (no entries, no bucket)".into());
+        }
+        out.join("\n")
+    }
+}
+
+/// One GCRA step: the new theoretical arrival time if a packet at `now` conforms, `None` if it is too early.
+fn gcra_step(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
+    let tat = tat.max(now);
+    (tat - now <= tolerance).then_some(tat + interval)
+}
+
+/// A one-line account of a parse, for mismatch reports.
+pub fn describe(parsed: &Parsed) -> String {
+    match *parsed {
+        Parsed::NotIp => "not IP".into(),
+        Parsed::Malformed => "malformed".into(),
+        Parsed::Ip {
+            src,
+            transport: Transport::NoPorts { proto: None },
+        } => format!("src {src}, no ports, transport unknown"),
+        Parsed::Ip {
+            src,
+            transport: Transport::NoPorts { proto: Some(p) },
+        } => format!("src {src}, no ports, protocol {p}"),
+        Parsed::Ip {
+            src,
+            transport:
+                Transport::Ports {
+                    dst_port,
+                    new_connection,
+                },
+        } => format!(
+            "src {src}, dst port {dst_port}{}",
+            if new_connection { ", new connection" } else { "" }
+        ),
+    }
+}
