@@ -13,6 +13,11 @@ fn main() -> anyhow::Result<()> {
     let toolchain =
         std::env::var("AQD_EBPF_TOOLCHAIN").unwrap_or_else(|_| DEFAULT_EBPF_TOOLCHAIN.to_string());
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../detector-ebpf");
+    // aya-build watches the eBPF crate; the object also compiles in detector-common's layouts.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../detector-common")
+    );
     aya_build::build_ebpf(
         [Package {
             name: "detector-ebpf",

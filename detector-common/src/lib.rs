@@ -34,9 +34,10 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
+    pub const REASONS: &str = "REASONS";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -49,6 +50,7 @@ pub mod map_names {
         CONFIG,
         COUNTERS,
         EVENTS,
+        REASONS,
     ];
 }
 
@@ -75,6 +77,8 @@ pub mod capacity {
     /// LRU: the least recently seen sources are evicted first (their limiter restarts full, their counters at 0).
     pub const SOURCES: u32 = 524_288;
     pub const RATE_CLASSES: u32 = 16;
+    /// Reason texts (index = `Decision::reason` code; 0 means none).
+    pub const REASONS: u32 = 4096;
     pub const PROTECTED_PORTS: u32 = 65_536;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
@@ -281,6 +285,25 @@ pub struct Decision {
     pub _pad: [u8; 3],
 }
 
+/// The text of a decision reason code: entry `code` of the `REASONS` array. The XDP program never reads it; it
+/// is pinned with the decisions so the texts survive restarts and the CLI can show them without the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReasonText {
+    /// Bytes used in `text` (UTF-8); 0 = free slot.
+    pub len: u16,
+    pub text: [u8; 62],
+}
+
+impl Default for ReasonText {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            text: [0; 62],
+        }
+    }
+}
+
 /// Limits of one rate class, in the form the kernel's GCRA check needs (no division in the kernel).
 /// An interval of 0 means "unlimited".
 #[repr(C)]
@@ -381,6 +404,7 @@ mod pod {
     unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ReasonText {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
@@ -391,5 +415,6 @@ const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<ReasonText>() == 64);
 const _: () =
     assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 2 * event::EVENT_KIND_COUNT + 1));

@@ -162,7 +162,13 @@ mod tests {
 
     #[test]
     fn key_ignores_hops_but_not_the_stack() {
-        let a = SynSignature { ip_version: 4, ttl: 57, mss: 1460, window: 64240, ..Default::default() };
+        let a = SynSignature {
+            ip_version: 4,
+            ttl: 57,
+            mss: 1460,
+            window: 64240,
+            ..Default::default()
+        };
         let b = SynSignature { ttl: 61, ..a };
         let c = SynSignature { window: 65535, ..a };
         let d = SynSignature { ttl: 120, ..a };

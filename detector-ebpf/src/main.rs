@@ -28,8 +28,8 @@ use aya_log_ebpf::warn;
 use core::mem::size_of;
 use detector_common::{
     Action, AddrKey, Bucket, CONFIG_FLAG_CONN_EVENTS, Config, ConnEvent, Counters, Decision, DropEvent,
-    EventHeader, EventKind, FlowTuple, ListEntry, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, SourceState,
-    Verdict, capacity,
+    EventHeader, EventKind, FlowTuple, ListEntry, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, ReasonText,
+    SourceState, Verdict, capacity,
 };
 
 use parse::{Packet, ParseError};
@@ -57,6 +57,9 @@ static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(capacity::PROTECTED_
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+/// Decision reason texts, for userspace only (see `detector_common::ReasonText`); pinned with the decisions.
+#[map(name = "REASONS")]
+static REASONS: Array<ReasonText> = Array::with_max_entries(capacity::REASONS, 0);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 

@@ -5,7 +5,8 @@
 //! - not IPv4/IPv6 after ≤ 2 VLAN tags → [`ParseError::NotIp`];
 //! - IP header truncated or invalid (version, IHL < 5) → [`ParseError::Malformed`];
 //! - a valid IP header whose transport ports cannot be read (non-first fragment, extension chain longer than
-//!   [`MAX_IPV6_EXT_HEADERS`], fewer than 4 bytes of TCP or 8 of UDP) → a [`Packet`] without ports: address rules apply,
+//!   [`MAX_IPV6_EXT_HEADERS`] or cut short, fewer than 4 bytes of TCP or 8 of UDP) → a [`Packet`] without ports
+//!   (protocol 0 = unknown when the IPv6 chain could not be walked to its end): address rules apply,
 //!   and the classifier treats TCP/UDP/unknown packets without ports as aimed at a protected port (see main.rs).
 
 use aya_ebpf::programs::XdpContext;
@@ -38,7 +39,8 @@ pub enum ParseError {
 
 pub struct Packet {
     pub flow: FlowTuple,
-    /// The transport header was present and complete (TCP or UDP); the ports in `flow` are valid.
+    /// The transport ports could be read (the first 4 bytes of TCP, the whole 8-byte UDP header); the ports in
+    /// `flow` are valid.
     pub has_ports: bool,
     pub tcp_syn: bool,
     pub tcp_ack: bool,

@@ -217,8 +217,21 @@ impl Enforcer {
             .map_err(|e| (i, e))?;
         }
         let mut batch = Vec::with_capacity(requests.len());
+        // One table lookup per distinct reason, not per entry (an import has one reason for all).
+        let mut codes: std::collections::HashMap<&str, u16> = std::collections::HashMap::new();
         for (i, request) in requests.iter().enumerate() {
-            let (decision, ttl) = self.decision_for(request).map_err(|e| (i, e))?;
+            let code = match codes.get(request.reason.as_str()) {
+                Some(c) => *c,
+                None => {
+                    let c = self
+                        .maps
+                        .reason_code(&request.reason)
+                        .map_err(|e| (i, e.into()))?;
+                    codes.insert(&request.reason, c);
+                    c
+                }
+            };
+            let (decision, ttl) = self.decision_for(request, code).map_err(|e| (i, e))?;
             batch.push((request.target, decision, ttl));
         }
         let entries: Vec<(IpNet, Decision)> = batch.iter().map(|(net, d, _)| (*net, *d)).collect();
@@ -252,16 +265,18 @@ impl Enforcer {
     ) -> Result<Option<Duration>, EnforceError> {
         let action = action_name(Some(request.action));
         self.check_lockout_with(request.target, action, request.force, allowlist)?;
-        let (decision, ttl) = self.decision_for(request)?;
+        let code = self.maps.reason_code(&request.reason)?;
+        let (decision, ttl) = self.decision_for(request, code)?;
         self.maps.decision_put(request.target, decision)?;
         self.audit(request.origin, request.target, action, ttl, &request.reason)?;
         Ok(ttl)
     }
 
-    /// The kernel value for a request: rate class resolved, TTL defaulted and jittered.
+    /// The kernel value for a request: rate class resolved, TTL defaulted and jittered, reason code given.
     fn decision_for(
         &mut self,
         request: &DecisionRequest,
+        reason_code: u16,
     ) -> Result<(Decision, Option<Duration>), EnforceError> {
         let rate_class = match request.action {
             Action::Throttle => {
@@ -283,7 +298,7 @@ impl Enforcer {
             hits: 0,
             action: request.action as u8,
             rate_class,
-            reason: 0,
+            reason: reason_code,
             origin: request.origin as u8,
             _pad: [0; 3],
         };

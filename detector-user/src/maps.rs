@@ -11,8 +11,8 @@ use aya::{
 };
 use detector_common::{
     Action, AddrKey, Bucket, Config, Counters, Decision, ListEntry, Origin, PREFIX_SCOPE_V4, PREFIX_SCOPE_V6,
-    REASON_COUNT, RateClass, SourceState, addr::V4_MAPPED_PREFIX_BITS, capacity, event::EVENT_KIND_COUNT,
-    map_names,
+    REASON_COUNT, RateClass, ReasonText, SourceState, addr::V4_MAPPED_PREFIX_BITS, capacity,
+    event::EVENT_KIND_COUNT, map_names,
 };
 use ipnet::IpNet;
 use thiserror::Error;
@@ -145,7 +145,7 @@ pub struct DecisionRow {
     pub net: IpNet,
     pub action: &'static str,
     pub rate_class: u8,
-    pub reason: u16,
+    pub reason: String,
     pub origin: &'static str,
     pub hits: u64,
     /// Seconds left; None = permanent.
@@ -216,6 +216,7 @@ pub struct KernelMaps {
     protected_ports: Array<MapData, u8>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counters>,
+    reasons: Array<MapData, ReasonText>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
@@ -254,6 +255,7 @@ impl KernelMaps {
             protected_ports: typed(n::PROTECTED_PORTS, get(n::PROTECTED_PORTS)?)?,
             config: typed(n::CONFIG, get(n::CONFIG)?)?,
             counters: typed(n::COUNTERS, get(n::COUNTERS)?)?,
+            reasons: typed(n::REASONS, get(n::REASONS)?)?,
         })
     }
 
@@ -500,7 +502,7 @@ impl KernelMaps {
                     net: decision_net(&key, exact),
                     action: action_name(Action::from_u8(d.action)),
                     rate_class: d.rate_class,
-                    reason: d.reason,
+                    reason: self.reason_text(d.reason),
                     origin: origin_name(Origin::from_u8(d.origin)),
                     hits: d.hits,
                     remaining_secs: remaining_secs(d.expires_ns),
@@ -629,6 +631,53 @@ impl KernelMaps {
             }
         }
         Ok(out)
+    }
+
+    /// The code of a reason text, allocating a slot the first time it is seen ("" is code 0). Texts longer
+    /// than a slot are cut at a character boundary.
+    pub fn reason_code(&mut self, text: &str) -> Result<u16, MapsError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(0);
+        }
+        let mut cut = text.len().min(62);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let bytes = &text.as_bytes()[..cut];
+        let err = |source| MapsError::Map {
+            name: map_names::REASONS,
+            source,
+        };
+        let mut free = None;
+        for code in 1..capacity::REASONS {
+            let slot = self.reasons.get(&code, 0).map_err(err)?;
+            if slot.len == 0 {
+                free.get_or_insert(code);
+            } else if &slot.text[..slot.len as usize] == bytes {
+                return Ok(code as u16);
+            }
+        }
+        // Full: the reason is still in the audit log, just not shown by `list`.
+        let Some(code) = free else { return Ok(0) };
+        let mut slot = ReasonText {
+            len: bytes.len() as u16,
+            ..ReasonText::default()
+        };
+        slot.text[..bytes.len()].copy_from_slice(bytes);
+        self.reasons.set(code, slot, 0).map_err(err)?;
+        Ok(code as u16)
+    }
+
+    /// The text of a reason code ("" for 0 or an unknown code).
+    pub fn reason_text(&self, code: u16) -> String {
+        if code == 0 {
+            return String::new();
+        }
+        match self.reasons.get(&(code as u32), 0) {
+            Ok(slot) => String::from_utf8_lossy(&slot.text[..(slot.len as usize).min(62)]).into_owned(),
+            Err(_) => String::new(),
+        }
     }
 
     /// Deletes expired list entries and decisions (the kernel already ignores them; this frees their slots).

@@ -50,18 +50,19 @@ pub fn list(view: &Value, json: bool) {
     }
     println!();
     println!(
-        "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}",
+        "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}  REASON",
         "ACTION", "TARGET", "CLASS", "ORIGIN", "HITS", "TTL"
     );
     for d in decisions {
         println!(
-            "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}",
+            "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}  {}",
             text(&d["action"]),
             text(&d["net"]),
             d["rate_class"].as_u64().unwrap_or(0),
             text(&d["origin"]),
             d["hits"].as_u64().unwrap_or(0),
-            ttl(&d["remaining_secs"])
+            ttl(&d["remaining_secs"]),
+            text(&d["reason"])
         );
     }
 }
