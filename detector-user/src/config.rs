@@ -101,8 +101,16 @@ struct RawProtection {
 #[serde(deny_unknown_fields)]
 struct RawRateClass {
     id: u8,
-    #[serde(flatten)]
-    limits: RateLimits,
+    // Spelled out rather than a flattened RateLimits: with flatten, toml reports type errors at the table's
+    // header line without naming the key.
+    #[serde(default)]
+    packets_per_second: u32,
+    #[serde(default)]
+    packet_burst: u32,
+    #[serde(default)]
+    connections_per_second: u32,
+    #[serde(default)]
+    connection_burst: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,10 +343,16 @@ impl Config {
                 ));
             }
             throttle_defined |= name == "throttle";
+            let limits = RateLimits {
+                packets_per_second: c.packets_per_second,
+                packet_burst: c.packet_burst,
+                connections_per_second: c.connections_per_second,
+                connection_burst: c.connection_burst,
+            };
             let entry = RateClassConfig {
                 name: name.clone(),
                 id: c.id,
-                limits: c.limits,
+                limits,
             };
             match rate_classes.iter_mut().find(|r| r.id == c.id) {
                 Some(existing) => *existing = entry,

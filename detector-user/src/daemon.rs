@@ -59,8 +59,10 @@ pub struct DaemonState {
     pub program_id: u32,
     pub events: Arc<EventStats>,
     pub reloads: Arc<ReloadStats>,
-    /// List entries written from the config, so a reload can remove the ones no longer there.
+    /// List entries written from the config, so a reload or restart can remove the ones no longer there.
     config_entries: BTreeSet<(bool, IpNet)>,
+    /// Where `config_entries` is kept between daemon runs (it lives as long as the pins: until reboot).
+    config_entries_path: PathBuf,
 }
 
 /// Settings given on the command line; they win over the config file.
@@ -162,7 +164,8 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         program_id,
         events: Arc::clone(&events),
         reloads: Arc::clone(&reloads),
-        config_entries: BTreeSet::new(),
+        config_entries: load_config_entries(&paths::config_entries_for_pin_root(&config.pin_root)),
+        config_entries_path: paths::config_entries_for_pin_root(&config.pin_root),
     };
     // Settings and lists go in before the program is attached, so it never runs with stale limits.
     state.apply_config(&config)?;
@@ -248,6 +251,26 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     Ok(())
 }
 
+/// The config's list entries as the previous daemon left them (empty if none or unreadable: then a
+/// removed entry lingers until the operator removes it, which `list` shows).
+fn load_config_entries(path: &std::path::Path) -> BTreeSet<(bool, IpNet)> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Writes the config's list entries atomically (temp file + rename).
+fn save_config_entries(path: &std::path::Path, entries: &BTreeSet<(bool, IpNet)>) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(entries)?)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("saving {}", path.display()))?;
+    Ok(())
+}
+
 fn record_event(stats: &EventStats, event: &Event) {
     match event {
         Event::Conn { flow, .. } => {
@@ -304,7 +327,8 @@ impl DaemonState {
         }
         for (files, allow) in [(&config.allow_files, true), (&config.deny_files, false)] {
             for file in files {
-                for net in listfile::load(file).map_err(anyhow::Error::msg)? {
+                let nets = listfile::load(file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
+                for net in nets {
                     wanted.insert((allow, net));
                 }
             }
@@ -328,13 +352,17 @@ impl DaemonState {
             flags: CONFIG_FLAG_CONN_EVENTS,
             test_now_ns: 0,
         })?;
-        for (allow, net) in self.config_entries.difference(&wanted) {
+        let removed: Vec<(bool, IpNet)> = self.config_entries.difference(&wanted).copied().collect();
+        let added: Vec<(bool, IpNet)> = wanted.difference(&self.config_entries).copied().collect();
+        for (allow, net) in &removed {
             maps.list_remove(if *allow { List::Allow } else { List::Deny }, *net)?;
         }
         for (allow, net) in &wanted {
             maps.list_insert(if *allow { List::Allow } else { List::Deny }, *net, None)?;
         }
+        self.enforcer.audit_config_lists(&added, &removed)?;
         self.config_entries = wanted;
+        save_config_entries(&self.config_entries_path, &self.config_entries)?;
         self.enforcer.set_config(config.clone());
         Ok(())
     }
@@ -569,12 +597,7 @@ impl DaemonState {
                     .collect();
                 self.enforcer.decide_many(&requests).map_err(|(i, e)| {
                     let mut err = enforce_error(e);
-                    err.message = format!(
-                        "entry {} ({}): {}; entries before it were applied",
-                        i + 1,
-                        nets[i],
-                        err.message
-                    );
+                    err.message = format!("entry {} ({}): {}; nothing imported", i + 1, nets[i], err.message);
                     err
                 })?
             }
@@ -584,20 +607,14 @@ impl DaemonState {
                 } else {
                     List::Deny
                 };
-                for (i, net) in nets.iter().enumerate() {
-                    self.enforcer
-                        .list_add(list, *net, ttl, Origin::Import, force)
-                        .map_err(|e| {
-                            let mut err = enforce_error(e);
-                            err.message = format!(
-                                "entry {} ({net}): {}; entries before it were applied",
-                                i + 1,
-                                err.message
-                            );
-                            err
-                        })?;
-                }
-                nets.len()
+                self.enforcer
+                    .list_add_many(list, &nets, ttl, Origin::Import, force)
+                    .map_err(|(i, e)| {
+                        let mut err = enforce_error(e);
+                        err.message =
+                            format!("entry {} ({}): {}; nothing imported", i + 1, nets[i], err.message);
+                        err
+                    })?
             }
         };
         Ok(json!({ "imported": applied, "seconds": started.elapsed().as_secs_f64() }))

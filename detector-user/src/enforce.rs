@@ -341,6 +341,64 @@ impl Enforcer {
         self.audit(origin, target, verb, ttl, "")
     }
 
+    /// Adds many entries to a list with one allowlist snapshot: every entry is checked before any is written
+    /// (all or nothing, like [`Self::decide_many`]); one audit write. Returns how many were added.
+    pub fn list_add_many(
+        &mut self,
+        list: List,
+        targets: &[IpNet],
+        ttl: Option<Duration>,
+        origin: Origin,
+        force: bool,
+    ) -> Result<usize, (usize, EnforceError)> {
+        let verb = match list {
+            List::Allow => "allow",
+            List::Deny => "deny",
+        };
+        if list == List::Deny {
+            let allowlist = self.allowlist().map_err(|e| (0, e))?;
+            for (i, target) in targets.iter().enumerate() {
+                self.check_lockout_with(*target, verb, force, &allowlist)
+                    .map_err(|e| (i, e))?;
+            }
+        }
+        let mut records = Vec::with_capacity(targets.len());
+        for (i, target) in targets.iter().enumerate() {
+            let ttl = ttl.map(|t| self.jittered(t));
+            self.maps
+                .list_insert(list, *target, ttl)
+                .map_err(|e| (i, e.into()))?;
+            records.push(record(origin, *target, verb, ttl, ""));
+        }
+        self.audit.append_all(&records).map_err(|e| (0, e))?;
+        Ok(targets.len())
+    }
+
+    /// Records list changes made from the config file (which writes the maps itself, to apply a whole file
+    /// at once); `added` and `removed` are (allowlist?, network).
+    pub fn audit_config_lists(
+        &mut self,
+        added: &[(bool, IpNet)],
+        removed: &[(bool, IpNet)],
+    ) -> Result<(), EnforceError> {
+        let verb = |allow: bool, add: bool| match (allow, add) {
+            (true, true) => "allow",
+            (false, true) => "deny",
+            (true, false) => "disallow",
+            (false, false) => "undeny",
+        };
+        let records: Vec<AuditRecord> = added
+            .iter()
+            .map(|(allow, net)| record(Origin::Config, *net, verb(*allow, true), None, "config"))
+            .chain(
+                removed
+                    .iter()
+                    .map(|(allow, net)| record(Origin::Config, *net, verb(*allow, false), None, "config")),
+            )
+            .collect();
+        self.audit.append_all(&records)
+    }
+
     pub fn list_remove(&mut self, list: List, target: IpNet, origin: Origin) -> Result<bool, EnforceError> {
         let removed = self.maps.list_remove(list, target)?;
         if removed {

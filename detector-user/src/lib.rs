@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod enforce;
 pub mod events;
+pub mod fingerprint;
 pub mod listfile;
 pub mod loader;
 pub mod maps;

@@ -37,6 +37,18 @@ pub fn socket_for_pin_root(pin_root: &Path) -> PathBuf {
     PathBuf::from(format!("/run/aqd/aqd-{hash:016x}.sock"))
 }
 
+/// Where the daemon remembers which list entries came from the config file: beside the sockets in /run, so it
+/// lives exactly as long as the pinned maps (both are gone after a reboot).
+pub fn config_entries_for_pin_root(pin_root: &Path) -> PathBuf {
+    let socket = socket_for_pin_root(pin_root);
+    let stem = socket
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("aqd")
+        .to_string();
+    socket.with_file_name(format!("{stem}.config-entries.json"))
+}
+
 /// The versioned pin directory under a pin root (`<root>/v<N>`).
 pub fn versioned_pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))

@@ -558,6 +558,16 @@ impl Lab {
 
     /// [`Self::start_daemon`] with extra `aqd run` arguments.
     pub fn start_daemon_with(&mut self, extra: &[&str]) -> anyhow::Result<Attachment> {
+        self.launch_daemon(true, extra)
+    }
+
+    /// Like [`Self::start_daemon_with`], but without `--protected-ports`: the config's `protection.ports` (and
+    /// what a reload changes there) apply, as in production.
+    pub fn start_daemon_from_config(&mut self, extra: &[&str]) -> anyhow::Result<Attachment> {
+        self.launch_daemon(false, extra)
+    }
+
+    fn launch_daemon(&mut self, protect_service_port: bool, extra: &[&str]) -> anyhow::Result<Attachment> {
         ensure!(
             self.daemon.is_none(),
             "lab {}: a daemon is already running",
@@ -573,13 +583,11 @@ impl Lab {
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         // The log is `daemon-<n>.log` in the lab's directory: see `daemon_log`.
         let mut cmd = self.aqd_command(true);
-        cmd.args(["run", "-i", SERVER_IF, "--xdp-mode", "native"])
-            .args([
-                "--protected-ports",
-                &SERVICE_PORT.to_string(),
-                "--stats-interval",
-                "1",
-            ])
+        cmd.args(["run", "-i", SERVER_IF, "--xdp-mode", "native"]);
+        if protect_service_port {
+            cmd.args(["--protected-ports", &SERVICE_PORT.to_string()]);
+        }
+        cmd.args(["--stats-interval", "1"])
             .args(extra)
             .env("AQD_LOG", "info")
             .stdin(Stdio::null())
@@ -660,6 +668,72 @@ impl Lab {
         fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
     }
 
+    /// Sends `sig` to the running daemon (e.g. SIGHUP to make it reload its config).
+    pub fn signal_daemon(&self, sig: libc::c_int) -> anyhow::Result<()> {
+        let daemon = self.daemon.as_ref().context("no daemon is running")?;
+        signal(&daemon.child, sig)?;
+        Ok(())
+    }
+
+    /// How the daemon this lab started exited, if it did; `None` while it runs. The daemon stays the lab's
+    /// (stop it, kill it or let `Drop` do it).
+    pub fn daemon_exit_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        let daemon = self.daemon.as_mut().context("no daemon was started")?;
+        Ok(daemon.child.try_wait()?)
+    }
+
+    /// The `n`th daemon's log, once it contains `needle` (polled until `timeout`); an error with the log if not.
+    pub fn wait_for_daemon_log(&self, n: u32, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.daemon_log(n);
+            if log.contains(needle) {
+                return Ok(log);
+            }
+            if Instant::now() >= deadline {
+                bail!("daemon {n} did not log {needle:?} within {timeout:?}:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many daemons this lab has started (the `n` of the latest [`Self::daemon_log`]).
+    pub fn daemons_started(&self) -> u32 {
+        self.daemons_started
+    }
+
+    // ---- lab files ----
+
+    /// A path inside the lab's private directory (removed with the lab): for list files, configs, imports.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The text of the lab's default config with `daemon_extra` added to its `[daemon]` table and `rest` (more
+    /// tables) after it. The control socket and audit log stay inside the lab.
+    pub fn config_text(&self, daemon_extra: &str, rest: &str) -> String {
+        format!(
+            "# aqd end-to-end lab {}\n[daemon]\nsocket = {:?}\naudit_log = {:?}\n{daemon_extra}\n{rest}\n",
+            self.id,
+            self.socket(),
+            self.audit_log()
+        )
+    }
+
+    /// Replaces the lab's config file ([`Self::config`]) with [`Self::config_text`].
+    pub fn write_config(&self, daemon_extra: &str, rest: &str) -> anyhow::Result<()> {
+        let path = self.config();
+        fs::write(&path, self.config_text(daemon_extra, rest))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// [`Self::aqd`] with its own time limit (bulk commands).
+    pub fn aqd_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
+        let mut cmd = self.aqd_command(true);
+        cmd.args(args);
+        run_bounded(cmd, timeout)
+    }
+
     // ---- traffic ----
 
     /// Sends `n` UDP datagrams from the client address `from` to the server's service port (same family) and
@@ -667,6 +741,18 @@ impl Lab {
     pub fn udp_probe(&self, from: IpAddr, n: usize) -> anyhow::Result<usize> {
         let to = self.service(from);
         let sink = UdpSink::bind(&self.server, to)?;
+        let sent = send_udp(&self.client, from, to, n)?;
+        ensure!(sent == n, "sent {sent} of {n} datagrams from {from}");
+        let arrived = sink.collect(n, Duration::from_millis(400), Duration::from_secs(3))?;
+        Ok(arrived.len())
+    }
+
+    /// [`Self::udp_probe`] to another server port (e.g. one aqd does not protect).
+    pub fn udp_probe_port(&self, from: IpAddr, port: u16, n: usize) -> anyhow::Result<usize> {
+        let to = SocketAddr::new(self.service(from).ip(), port);
+        let sink = UdpSink::bind(&self.server, to)?;
+        // Everything is sent before anything is read: room for the whole burst.
+        sink.set_receive_buffer((n * 4096).max(1 << 20))?;
         let sent = send_udp(&self.client, from, to, n)?;
         ensure!(sent == n, "sent {sent} of {n} datagrams from {from}");
         let arrived = sink.collect(n, Duration::from_millis(400), Duration::from_secs(3))?;
@@ -933,6 +1019,26 @@ impl UdpSink {
         Ok(Self { socket })
     }
 
+    /// Sets the socket's receive buffer to `bytes` (SO_RCVBUFFORCE: root, beyond `rmem_max`), so a burst sent
+    /// before anything is read is not dropped by the receiver.
+    pub fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let size = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
+        // SAFETY: a valid socket fd and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Receives until `expect` datagrams arrived, nothing arrived for `quiet`, or `max` passed.
     pub fn collect(&self, expect: usize, quiet: Duration, max: Duration) -> io::Result<Vec<Arrival>> {
         let start = Instant::now();
@@ -1098,4 +1204,27 @@ pub fn program_loaded(id: u32) -> bool {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .any(|p| p.id() == id)
+}
+
+/// `GET <path>` over HTTP/1.1 to `addr` from inside `ns` (connection closed by the server); returns the whole
+/// response, head and body. Retries the connect until `timeout` (a listener that is still starting).
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    ns.run(move || {
+        let deadline = Instant::now() + timeout;
+        let mut stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline && e.kind() == io::ErrorKind::ConnectionRefused => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        io::Write::write_all(&mut stream, request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
 }

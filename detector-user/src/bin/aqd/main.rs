@@ -254,7 +254,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
             let config = Config::load(&path)?;
             for file in config.allow_files.iter().chain(&config.deny_files) {
-                listfile::load(file).map_err(anyhow::Error::msg)?;
+                listfile::load(file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
             }
             println!("{}: ok", path.display());
             Ok(())
@@ -394,12 +394,9 @@ fn import(ctx: &Context, a: args::ImportArgs) -> anyhow::Result<()> {
                     } else {
                         List::Deny
                     };
-                    for net in &nets {
-                        enforcer
-                            .list_add(list, *net, a.ttl, Origin::Import, a.force)
-                            .map_err(refusal)?;
-                    }
-                    nets.len()
+                    enforcer
+                        .list_add_many(list, &nets, a.ttl, Origin::Import, a.force)
+                        .map_err(|(i, e)| refusal(e).context(format!("entry {}; nothing imported", i + 1)))?
                 }
             };
             json!({ "imported": n, "seconds": started.elapsed().as_secs_f64() })
