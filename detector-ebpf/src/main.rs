@@ -17,9 +17,10 @@
 
 mod parse;
 
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_map_lookup_elem},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_map_lookup_elem},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -240,18 +241,11 @@ fn track_source(
     is_syn: bool,
     clock: &mut Clock,
 ) -> Option<Reason> {
-    let now = clock.now();
     let state = match SOURCES.get_ptr_mut(src) {
         Some(s) => s,
         None => {
-            // A new source starts with a full burst allowance.
-            let fresh = SourceState {
-                bucket: Bucket {
-                    packet_tat_ns: now,
-                    conn_tat_ns: now,
-                },
-                ..SourceState::default()
-            };
+            // A new source starts with a full burst allowance: a TAT of 0 is "any time before now".
+            let fresh = SourceState::default();
             if let Err(errno) = SOURCES.insert(src, &fresh, 0) {
                 // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once.
                 warn!(ctx, "cannot track a new source (errno {})", errno);
@@ -264,11 +258,11 @@ fn track_source(
     let state = unsafe { &mut *state };
     state.packets += 1;
     state.bytes += (ctx.data_end() - ctx.data()) as u64;
-    state.last_seen_ns = now;
+    state.last_seen_ns = clock.coarse();
     if is_syn {
         state.conns += 1;
     }
-    let verdict = rate_limit(&mut state.bucket, class, is_syn, now);
+    let verdict = rate_limit(&mut state.bucket, class, is_syn, clock);
     if verdict.is_some() {
         state.rate_drops += 1;
     }
@@ -277,8 +271,13 @@ fn track_source(
 
 /// The GCRA limits of `class` applied to one source's bucket.
 #[inline(always)]
-fn rate_limit(bucket: &mut Bucket, class: u32, is_syn: bool, now: u64) -> Option<Reason> {
+fn rate_limit(bucket: &mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
     let limits = RATE_CLASSES.get(class)?;
+    if limits.packet_interval_ns == 0 && (!is_syn || limits.conn_interval_ns == 0) {
+        return None;
+    }
+    // The precise clock only when a limit applies: GCRA needs ns; nothing else on this path does.
+    let now = clock.now();
     let mut packet_tat = bucket.packet_tat_ns;
     if limits.packet_interval_ns != 0 {
         match gcra(
@@ -353,7 +352,7 @@ fn account(ctx: &XdpContext, reason: Reason, flow: Option<&FlowTuple>, config: &
                 (*event).reason = reason as u32;
                 (*event).frame_len = (ctx.data_end() - ctx.data()) as u32;
             }
-            slot.submit(0);
+            slot.submit(wakeup_flag());
             bump(&mut counters.events_sent, kind);
         }
         None => bump(&mut counters.events_lost, kind),
@@ -377,7 +376,7 @@ fn emit_conn(ctx: &XdpContext, flow: &FlowTuple, clock: &mut Clock) {
                 );
                 (*event).flow = *flow;
             }
-            slot.submit(0);
+            slot.submit(wakeup_flag());
             true
         }
         None => false,
@@ -393,6 +392,18 @@ fn emit_conn(ctx: &XdpContext, flow: &FlowTuple, clock: &mut Clock) {
             },
             kind,
         );
+    }
+}
+
+/// Ring-buffer wake-ups are batched: a wake-up (an interrupt to the reader, expensive in VMs) only once an
+/// eighth of the ring is waiting; the daemon also drains the ring on a short timer, so events still arrive
+/// within milliseconds at low rates.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= (capacity::EVENTS_BYTES / 8) as u64 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 
@@ -422,9 +433,12 @@ unsafe fn fill_header(
     }
 }
 
-/// "Now", read at most once per packet and only when something needs it (an expiry, a bucket, an event).
+/// "Now", read at most once per packet and only when something needs it. Two resolutions: the precise clock
+/// (`bpf_ktime_get_ns`, costly in VMs) for rate limits and event timestamps; the coarse one (same
+/// CLOCK_MONOTONIC base, tick resolution, a memory read) for expiries and last-seen times.
 struct Clock {
     now: u64,
+    coarse: u64,
     test_now: u64,
 }
 
@@ -433,22 +447,42 @@ impl Clock {
     fn new(config: &Config) -> Self {
         Self {
             now: 0,
+            coarse: 0,
             test_now: config.test_now_ns,
         }
     }
 
     #[inline(always)]
+    fn test_clock() -> bool {
+        // SAFETY: a read-only global; volatile so the load is not folded at compile time.
+        unsafe { core::ptr::read_volatile(&AQD_TEST_CLOCK) != 0 }
+    }
+
+    #[inline(always)]
     fn now(&mut self) -> u64 {
         if self.now == 0 {
-            // SAFETY: a read-only global; volatile so the load is not folded at compile time.
-            let test_clock = unsafe { core::ptr::read_volatile(&AQD_TEST_CLOCK) };
-            self.now = if test_clock != 0 {
+            self.now = if Self::test_clock() {
                 self.test_now
             } else {
                 unsafe { bpf_ktime_get_ns() }
             };
         }
         self.now
+    }
+
+    #[inline(always)]
+    fn coarse(&mut self) -> u64 {
+        if self.now != 0 {
+            return self.now;
+        }
+        if self.coarse == 0 {
+            self.coarse = if Self::test_clock() {
+                self.test_now
+            } else {
+                unsafe { bpf_ktime_get_coarse_ns() }
+            };
+        }
+        self.coarse
     }
 }
 

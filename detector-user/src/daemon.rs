@@ -208,11 +208,17 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let mut stats = tokio::time::interval(config.stats_interval);
     // Expired entries are already ignored by the kernel; purging them keeps the maps from filling up.
     let mut purge = tokio::time::interval(Duration::from_secs(30));
+    // The kernel wakes the reader only when the ring fills up (wake-ups are costly); drain it regularly too.
+    let mut drain = tokio::time::interval(Duration::from_millis(20));
     let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;
     loop {
         tokio::select! {
             batch = reader.next_batch(|event| record_event(&events, &event)) => {
                 batch.context("reading the event ring buffer")?;
+                events.undecodable.store(reader.undecodable, Ordering::Relaxed);
+            }
+            _ = drain.tick() => {
+                reader.drain(|event| record_event(&events, &event));
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
             }
             _ = purge.tick() => {

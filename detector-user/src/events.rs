@@ -117,9 +117,17 @@ impl EventReader {
     }
 
     /// Waits for records, then hands every available one to `sink`. Returns the number handled.
-    pub async fn next_batch(&mut self, mut sink: impl FnMut(Event)) -> std::io::Result<usize> {
+    pub async fn next_batch(&mut self, sink: impl FnMut(Event)) -> std::io::Result<usize> {
         let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        guard.clear_ready();
+        drop(guard);
+        Ok(self.drain(sink))
+    }
+
+    /// Hands every record available now to `sink`, without waiting. The kernel batches wake-ups, so the
+    /// daemon also calls this on a short timer.
+    pub fn drain(&mut self, mut sink: impl FnMut(Event)) -> usize {
+        let ring = self.ring.get_mut();
         let mut handled = 0;
         while let Some(record) = ring.next() {
             match decode(&record) {
@@ -131,8 +139,7 @@ impl EventReader {
             }
             handled += 1;
         }
-        guard.clear_ready();
-        Ok(handled)
+        handled
     }
 }
 

@@ -1521,8 +1521,8 @@ fn throttled_sources_use_their_decisions_class_and_others_class_0() {
     assert_eq!(run(&mut k, "192.0.2.15", Reason::PassThrottled), 4);
     assert_eq!(run(&mut k, "192.0.2.77", Reason::PassMonitor), 50);
     assert_eq!(run(&mut k, "192.0.2.1", Reason::PassDefault), 50);
-    // Tracked, but its bucket never moved from its creation time.
-    assert_eq!(k.maps.bucket(ip("192.0.2.1")).unwrap().packet_tat_ns, T0);
+    // Tracked, but its bucket never moved from creation (TAT 0: "any time before now", a full burst).
+    assert_eq!(k.maps.bucket(ip("192.0.2.1")).unwrap().packet_tat_ns, 0);
     // Limiting class 0 limits default and monitored sources (their buckets start full now).
     k.maps.set_rate_class(0, rate_class_limits(1, 3, 0, 0)).unwrap();
     assert_eq!(run(&mut k, "192.0.2.1", Reason::PassDefault), 3);
@@ -1557,13 +1557,13 @@ fn rate_class_with_zero_interval_is_unlimited() {
         4 * repeat as u64
     );
     assert_eq!(after.packets() - before.packets(), 4 * repeat as u64);
-    // Tracked, but class 4 never moved its bucket from its creation time.
+    // Tracked, but class 4 never moved its bucket from creation (TATs 0: a full burst).
     assert_eq!(tracked_packets(&k, "192.0.2.4"), 2 * repeat as u64);
     assert_eq!(
         k.maps.bucket(ip("192.0.2.4")).unwrap(),
         Bucket {
-            packet_tat_ns: T0,
-            conn_tat_ns: T0
+            packet_tat_ns: 0,
+            conn_tat_ns: 0
         }
     );
     // Class 0 (all zeros) is unlimited too.

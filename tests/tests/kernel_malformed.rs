@@ -225,8 +225,8 @@ fn classify_observed(k: &mut KernelUnderTest, frame: &[u8], src: &str) -> (Reaso
     let after = k.maps.bucket(ip(src));
     let limiter = match after {
         Some(after) if before.map(|b| b.packet_tat_ns) != Some(after.packet_tat_ns) => {
-            // A new source starts with both TATs at "now".
-            let conn_before = before.map_or(k.now(), |b| b.conn_tat_ns);
+            // A new source starts with both TATs at 0 ("any time before now": a full burst).
+            let conn_before = before.map_or(0, |b| b.conn_tat_ns);
             if after.conn_tat_ns != conn_before {
                 Limiter::NewConnection
             } else {
