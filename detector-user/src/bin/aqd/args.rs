@@ -65,6 +65,8 @@ pub enum Command {
     CheckConfig,
     /// Detach from interfaces and remove the pinned state (everything, unless --iface is given).
     Detach(DetachArgs),
+    /// Fingerprint a capture offline: JA4/JA4_r of every ClientHello, p0f signature and label of every SYN.
+    Fingerprint(FingerprintArgs),
     /// Print shell completions.
     Completions(CompletionArgs),
 }
@@ -207,6 +209,18 @@ pub struct DetachArgs {
     /// Detach only this interface and keep the maps.
     #[arg(long)]
     pub iface: Option<String>,
+}
+
+#[derive(Args)]
+pub struct FingerprintArgs {
+    /// A pcap or pcapng file.
+    pub file: PathBuf,
+    /// p0f v3 signature database for SYN labels [default: /etc/aqd/p0f.fp if it exists].
+    #[arg(long)]
+    pub p0f_db: Option<PathBuf>,
+    /// One JSON object per record instead of text lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -21,7 +21,7 @@ use detector_user::{
     control::{self, ClientError, ControlError, ErrorKind, ImportInto, Request},
     daemon::{self, Overrides},
     enforce::{AuditLog, Enforcer},
-    listfile, loader,
+    fingerprint, listfile, loader,
     maps::{KernelMaps, List},
     paths,
 };
@@ -260,6 +260,29 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Detach(a) => detach(&ctx, a.iface.as_deref()),
+        Command::Fingerprint(a) => {
+            let db_path = a.p0f_db.clone().or_else(|| {
+                let default = PathBuf::from("/etc/aqd/p0f.fp");
+                default.exists().then_some(default)
+            });
+            let db = match &db_path {
+                Some(p) => Some(
+                    fingerprint::P0fDb::load(p)
+                        .map_err(|e| ControlError::new(ErrorKind::BadRequest, format!("{e:#}")))?,
+                ),
+                None => None,
+            };
+            let records = fingerprint::fingerprint_file(&a.file, db.as_ref())
+                .map_err(|e| ControlError::new(ErrorKind::BadRequest, format!("{e:#}")))?;
+            for r in &records {
+                if a.json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    println!("{r}");
+                }
+            }
+            Ok(())
+        }
         Command::Completions(a) => {
             clap_complete::generate(a.shell, &mut Cli::command(), "aqd", &mut std::io::stdout());
             Ok(())
