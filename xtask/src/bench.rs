@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: bootstrap, then the data-path benchmark (`cargo bench -p aqd-tests --bench datapath`).
+//! `cargo xtask bench`: bootstrap, then the benchmarks: the data path (`datapath`: per-packet cost vs a bare
+//! XDP_PASS floor and xdp-filter) and the control plane (`control`: decisions per second, daemon memory).
 //!
 //! cargo's exit status is propagated as is (including when the bench target does not exist).
 
@@ -17,7 +18,7 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     bootstrap::ensure()?;
     let mut cargo = util::cargo();
-    cargo.args(["bench", "-p", "aqd-tests", "--bench", "datapath"]);
+    cargo.args(["bench", "-p", "aqd-tests", "--bench", "datapath", "--bench", "control"]);
     if !args.bench_args.is_empty() {
         cargo.arg("--").args(&args.bench_args);
     }
