@@ -18,7 +18,15 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     bootstrap::ensure()?;
     let mut cargo = util::cargo();
-    cargo.args(["bench", "-p", "aqd-tests", "--bench", "datapath", "--bench", "control"]);
+    cargo.args([
+        "bench",
+        "-p",
+        "aqd-tests",
+        "--bench",
+        "datapath",
+        "--bench",
+        "control",
+    ]);
     if !args.bench_args.is_empty() {
         cargo.arg("--").args(&args.bench_args);
     }
