@@ -207,7 +207,8 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut stats = tokio::time::interval(config.stats_interval);
     // Expired entries are already ignored by the kernel; purging them keeps the maps from filling up.
-    let mut purge = tokio::time::interval(Duration::from_secs(30));
+    // Walks every list and decision map (two syscalls an entry, under the state lock): not too often.
+    let mut purge = tokio::time::interval(Duration::from_secs(300));
     // The kernel wakes the reader only when the ring fills up (wake-ups are costly); drain it regularly too.
     let mut drain = tokio::time::interval(Duration::from_millis(20));
     let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;

@@ -199,8 +199,17 @@ impl Enforcer {
 
     /// Applies a decision after the lockout checks.
     pub fn decide(&mut self, request: &DecisionRequest) -> Result<Option<Duration>, EnforceError> {
-        let allowlist = self.allowlist()?;
+        let allowlist = self.allowlist_overlapping(request.target)?;
         self.decide_with(request, &allowlist)
+    }
+
+    /// The allowlist entries that can overlap `target`: for a single address, two lookups (exact, longest
+    /// prefix) instead of walking the lists (a walk costs ~150 µs even on an empty hash map).
+    fn allowlist_overlapping(&self, target: IpNet) -> Result<Vec<IpNet>, EnforceError> {
+        if target.prefix_len() == target.max_prefix_len() {
+            return Ok(self.maps.allow_covering(target.addr())?.into_iter().collect());
+        }
+        self.allowlist()
     }
 
     /// Applies many decisions with one allowlist snapshot; stops at the first refusal or failure and says
@@ -333,7 +342,7 @@ impl Enforcer {
             List::Deny => "deny",
         };
         if list == List::Deny {
-            let allowlist = self.allowlist()?;
+            let allowlist = self.allowlist_overlapping(target)?;
             self.check_lockout_with(target, verb, force, &allowlist)?;
         }
         let ttl = ttl.map(|t| self.jittered(t));

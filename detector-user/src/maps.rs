@@ -217,6 +217,9 @@ pub struct KernelMaps {
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counters>,
     reasons: Array<MapData, ReasonText>,
+    /// Reason text → code, filled by one scan on first use, then kept in step by `reason_code` (this process
+    /// is the writer while it holds the maps).
+    reason_cache: Option<std::collections::HashMap<Vec<u8>, u16>>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
@@ -256,6 +259,7 @@ impl KernelMaps {
             config: typed(n::CONFIG, get(n::CONFIG)?)?,
             counters: typed(n::COUNTERS, get(n::COUNTERS)?)?,
             reasons: typed(n::REASONS, get(n::REASONS)?)?,
+            reason_cache: None,
         })
     }
 
@@ -649,24 +653,33 @@ impl KernelMaps {
             name: map_names::REASONS,
             source,
         };
-        let mut free = None;
-        for code in 1..capacity::REASONS {
-            let slot = self.reasons.get(&code, 0).map_err(err)?;
-            if slot.len == 0 {
-                free.get_or_insert(code);
-            } else if &slot.text[..slot.len as usize] == bytes {
-                return Ok(code as u16);
+        if self.reason_cache.is_none() {
+            let mut cache = std::collections::HashMap::new();
+            for code in 1..capacity::REASONS {
+                let slot = self.reasons.get(&code, 0).map_err(err)?;
+                if slot.len != 0 {
+                    cache.insert(slot.text[..(slot.len as usize).min(62)].to_vec(), code as u16);
+                }
             }
+            self.reason_cache = Some(cache);
         }
-        // Full: the reason is still in the audit log, just not shown by `list`.
-        let Some(code) = free else { return Ok(0) };
+        let cache = self.reason_cache.as_mut().expect("filled above");
+        if let Some(code) = cache.get(bytes) {
+            return Ok(*code);
+        }
+        // The lowest free slot; when all are taken the reason is still in the audit log, just not in `list`.
+        let used: std::collections::HashSet<u16> = cache.values().copied().collect();
+        let Some(code) = (1..capacity::REASONS as u16).find(|c| !used.contains(c)) else {
+            return Ok(0);
+        };
         let mut slot = ReasonText {
             len: bytes.len() as u16,
             ..ReasonText::default()
         };
         slot.text[..bytes.len()].copy_from_slice(bytes);
-        self.reasons.set(code, slot, 0).map_err(err)?;
-        Ok(code as u16)
+        self.reasons.set(code as u32, slot, 0).map_err(err)?;
+        cache.insert(bytes.to_vec(), code);
+        Ok(code)
     }
 
     /// The text of a reason code ("" for 0 or an unknown code).
@@ -677,6 +690,26 @@ impl KernelMaps {
         match self.reasons.get(&(code as u32), 0) {
             Ok(slot) => String::from_utf8_lossy(&slot.text[..(slot.len as usize).min(62)]).into_owned(),
             Err(_) => String::new(),
+        }
+    }
+
+    /// The allowlist entry (exact, or the longest prefix) that covers `addr`, if any.
+    pub fn allow_covering(&self, addr: IpAddr) -> Result<Option<IpNet>, MapsError> {
+        let key = match addr {
+            IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
+            IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
+        };
+        if self.allow_exact.get(&key, 0).is_ok() {
+            return Ok(Some(IpNet::from(addr)));
+        }
+        match self.allow_prefix.get(&Key::new(128, key), 0) {
+            Ok(entry) => Ok(Some(trie_net(&key, entry.prefix_len).trunc())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(source) => Err(MapsError::Map {
+                name: map_names::ALLOW_PREFIX,
+                source,
+            }),
         }
     }
 

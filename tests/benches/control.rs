@@ -16,6 +16,8 @@
 //! - one-by-one runs go first on empty maps (after a short warm-up), are removed again one by one, then 100,000
 //!   addresses are imported with `aqd import`, read back with `aqd list --json`, re-imported straight through the
 //!   socket (same addresses: replaces), and a last one-by-one socket run shows the cost with 100,000 loaded;
+//! - a second table shows what one decision's cost depends on: a reason text (distinct per decision, or one for
+//!   all) and the allowlist's size (1,000 entries added through the socket);
 //! - memory is read from `/proc/<daemon>/status` (the pid is checked to be the `aqd` binary itself, not `ip netns
 //!   exec`): VmRSS after each step, and the step's peak as VmHWM after resetting it (`clear_refs` 5) before the
 //!   step. The kernel's map memory is not in VmRSS; it is reported separately (memlock of the daemon's map fds);
@@ -503,12 +505,11 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
 
     let mut rows = Vec::new();
     let mut memory = Vec::new();
-    let sample = |when: String, peak_reset: bool| -> anyhow::Result<MemRow> {
+    // Closes a step: reads the memory (VmHWM is the step's peak), then resets VmHWM for the next step.
+    let sample = |when: String| -> anyhow::Result<MemRow> {
         thread::sleep(SETTLE);
         let after = mem(pid)?;
-        if peak_reset {
-            reset_peak(pid)?;
-        }
+        reset_peak(pid)?;
         Ok(MemRow {
             when,
             decisions: maps.count(),
@@ -516,8 +517,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
             peak: after.hwm,
         })
     };
-    // `sample(.., true)` closes a step: its VmHWM is the step's peak, then it is reset for the next one.
-    memory.push(sample("start (attached, idle)".into(), true)?);
+    memory.push(sample("start (attached, idle)".into())?);
 
     // Warm-up (page cache, allocator, the runtime's blocking thread); not reported.
     eprintln!("warm-up");
@@ -554,13 +554,10 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
     });
     ensure!(maps.count() == 0, "decisions left after the removals");
     let applied = WARMUP_SOCKET + WARMUP_CLI + SOCKET_DECISIONS + CLI_DECISIONS;
-    memory.push(sample(
-        format!(
-            "the one-by-one runs ({} applied, all removed)",
-            thousands(applied.into())
-        ),
-        true,
-    )?);
+    memory.push(sample(format!(
+        "the one-by-one runs ({} applied, all removed)",
+        thousands(applied.into())
+    ))?);
 
     // Bulk import through the CLI.
     let file = lab
@@ -613,7 +610,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
              is the CLI reading the file and the request's trip"
         ),
     });
-    memory.push(sample("`aqd import` of 100,000".into(), true)?);
+    memory.push(sample("`aqd import` of 100,000".into())?);
     let loaded = maps.count();
     ensure!(
         loaded == IMPORT_DECISIONS as usize,
@@ -642,7 +639,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
         notes: format!("{} of JSON", mib(stdout.len() as u64 / 1024)),
     });
     drop(stdout);
-    memory.push(sample("`aqd list --json` of 100,000".into(), true)?);
+    memory.push(sample("`aqd list --json` of 100,000".into())?);
 
     eprintln!("import through the socket (same 100k: replaces)");
     let request = Request::Import {
@@ -673,7 +670,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
             wall.as_secs_f64() - daemon_secs
         ),
     });
-    memory.push(sample("a second import of the 100,000 (socket)".into(), true)?);
+    memory.push(sample("a second import of the 100,000 (socket)".into())?);
 
     eprintln!("one by one through the socket with 100k loaded: {SOCKET_DECISIONS}");
     let run = decide_all(&socket, &addresses(LOADED_BASE, SOCKET_DECISIONS))?;
@@ -682,7 +679,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
         run,
         notes: "same as the first row, on top of the import".into(),
     });
-    memory.push(sample("10,000 more one by one (socket)".into(), true)?);
+    memory.push(sample("10,000 more one by one (socket)".into())?);
 
     // What one decision's cost depends on (on top of the 110,000 loaded).
     let mut sensitivity = Vec::new();
@@ -798,8 +795,10 @@ fn main() -> anyhow::Result<()> {
     drop_lab(lab)?;
     report.print();
     println!(
-        "\nBench wall time {:.1} s (lab set up and torn down: namespaces, veth, bpffs, daemon).",
-        bench_start.elapsed().as_secs_f64()
+        "\nBench wall time {:.1} s (lab set up and torn down: namespaces, veth, bpffs, daemon); load average at the \
+         end: {}.",
+        bench_start.elapsed().as_secs_f64(),
+        fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
     Ok(())
 }
