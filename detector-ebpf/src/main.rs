@@ -246,7 +246,7 @@ fn track_source(
         None => {
             // A new source starts with a full burst allowance: a TAT of 0 is "any time before now".
             let fresh = SourceState::default();
-            if let Err(errno) = SOURCES.insert(src, &fresh, 0) {
+            if let Err(errno) = SOURCES.insert(src, fresh, 0) {
                 // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once.
                 warn!(ctx, "cannot track a new source (errno {})", errno);
                 return None;

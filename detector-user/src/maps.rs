@@ -203,6 +203,14 @@ impl CounterTotals {
     }
 }
 
+/// The two maps of one list (exact addresses, prefixes) and their names, for error messages.
+type ListMaps<'a> = (
+    &'a mut HashMap<MapData, AddrKey, ListEntry>,
+    &'a mut LpmTrie<MapData, AddrKey, ListEntry>,
+    &'static str,
+    &'static str,
+);
+
 /// Handles on every map except the ring buffer (which the event reader owns).
 pub struct KernelMaps {
     allow_exact: HashMap<MapData, AddrKey, ListEntry>,
@@ -373,15 +381,7 @@ impl KernelMaps {
         Ok(rows)
     }
 
-    fn list_maps(
-        &mut self,
-        list: List,
-    ) -> (
-        &mut HashMap<MapData, AddrKey, ListEntry>,
-        &mut LpmTrie<MapData, AddrKey, ListEntry>,
-        &'static str,
-        &'static str,
-    ) {
+    fn list_maps(&mut self, list: List) -> ListMaps<'_> {
         match list {
             List::Allow => (
                 &mut self.allow_exact,
