@@ -164,8 +164,8 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         program_id,
         events: Arc::clone(&events),
         reloads: Arc::clone(&reloads),
-        config_entries: load_config_entries(&paths::config_entries_for_pin_root(&config.pin_root)),
-        config_entries_path: paths::config_entries_for_pin_root(&config.pin_root),
+        config_entries: load_config_entries(&paths::config_entries_for_socket(&config.socket)),
+        config_entries_path: paths::config_entries_for_socket(&config.socket),
     };
     // Settings and lists go in before the program is attached, so it never runs with stale limits.
     state.apply_config(&config)?;

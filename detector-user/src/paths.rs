@@ -37,16 +37,10 @@ pub fn socket_for_pin_root(pin_root: &Path) -> PathBuf {
     PathBuf::from(format!("/run/aqd/aqd-{hash:016x}.sock"))
 }
 
-/// Where the daemon remembers which list entries came from the config file: beside the sockets in /run, so it
-/// lives exactly as long as the pinned maps (both are gone after a reboot).
-pub fn config_entries_for_pin_root(pin_root: &Path) -> PathBuf {
-    let socket = socket_for_pin_root(pin_root);
-    let stem = socket
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("aqd")
-        .to_string();
-    socket.with_file_name(format!("{stem}.config-entries.json"))
+/// Where the daemon remembers which list entries came from the config file: beside its control socket (in /run,
+/// so it lives as long as the pinned maps: both are gone after a reboot). `aqd detach` removes it.
+pub fn config_entries_for_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("config-entries.json")
 }
 
 /// The versioned pin directory under a pin root (`<root>/v<N>`).

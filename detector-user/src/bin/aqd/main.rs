@@ -502,6 +502,8 @@ fn detach(ctx: &Context, iface: Option<&str>) -> anyhow::Result<()> {
             }
             loader::remove_pins(&ctx.pin_dir)
                 .with_context(|| format!("removing {}", ctx.pin_dir.display()))?;
+            // The config's list entries were in the maps just removed.
+            let _ = std::fs::remove_file(paths::config_entries_for_socket(&ctx.socket));
             println!(
                 "detached from [{}]; pinned state under {} removed",
                 detached.join(", "),
