@@ -655,6 +655,55 @@ impl Lab {
         }
     }
 
+    /// SIGKILLs the daemon in the middle of a UDP stream from two client sources, `blocked` (which must already
+    /// be blocked) and `allowed`, and checks both guarantees of a crash: nothing from `blocked` gets through,
+    /// and `allowed` loses nothing, also after the kill. Returns the datagrams sent from each source.
+    pub fn assert_enforcement_survives_sigkill(
+        &mut self,
+        blocked: IpAddr,
+        allowed: IpAddr,
+    ) -> anyhow::Result<Vec<usize>> {
+        let to = self.service(blocked);
+        let sink = UdpSink::bind(&self.server, to)?;
+        let stream_for = Duration::from_millis(1500);
+        let stream = udp_stream(
+            &self.client,
+            vec![blocked, allowed],
+            to,
+            Duration::from_millis(2),
+            stream_for,
+        );
+        let arrivals = sink.collect_until(Instant::now() + stream_for + Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(500));
+        let killed_at = Instant::now();
+        let status = self.kill_daemon()?;
+        ensure!(
+            std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
+            "the daemon was not SIGKILLed: {status}"
+        );
+        let sent = stream.join()?;
+        let arrivals = arrivals
+            .join()
+            .map_err(|_| anyhow!("receiver thread panicked"))??;
+        let from = |a: IpAddr| arrivals.iter().filter(|x| x.from.ip() == a).count();
+        ensure!(from(blocked) == 0, "blocked source got through (sent {sent:?})");
+        ensure!(
+            from(allowed) == sent[1],
+            "allowed traffic was lost around the SIGKILL ({} of {})",
+            from(allowed),
+            sent[1]
+        );
+        let after_kill = arrivals
+            .iter()
+            .filter(|x| x.from.ip() == allowed && x.at > killed_at)
+            .count();
+        ensure!(
+            after_kill >= 100,
+            "only {after_kill} allowed datagrams arrived after the SIGKILL"
+        );
+        Ok(sent)
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill_daemon(&mut self) -> anyhow::Result<ExitStatus> {
         let mut daemon = self.daemon.take().context("no daemon is running")?;

@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::unix::{net::UnixStream, process::ExitStatusExt as _},
+    os::unix::net::UnixStream,
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -1104,38 +1104,7 @@ fn sigkill_during_traffic_keeps_the_same_decisions() -> anyhow::Result<()> {
         .as_u64()
         .unwrap_or(0);
 
-    let to = lab.service(blocked);
-    let sink = UdpSink::bind(&lab.server, to)?;
-    let stream_for = Duration::from_millis(1500);
-    let stream = udp_stream(
-        &lab.client,
-        vec![blocked, allowed],
-        to,
-        Duration::from_millis(2),
-        stream_for,
-    );
-    let arrivals = sink.collect_until(Instant::now() + stream_for + Duration::from_millis(300));
-    thread::sleep(Duration::from_millis(500));
-    let killed_at = Instant::now();
-    let status = lab.kill_daemon()?;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
-    let sent = stream.join()?;
-    let arrivals = arrivals.join().expect("receiver thread")?;
-    let from = |a: IpAddr| arrivals.iter().filter(|x| x.from.ip() == a).count();
-    assert_eq!(from(blocked), 0, "blocked source got through (sent {sent:?})");
-    assert_eq!(
-        from(allowed),
-        sent[1],
-        "allowed traffic was lost around the SIGKILL"
-    );
-    let after_kill = arrivals
-        .iter()
-        .filter(|x| x.from.ip() == allowed && x.at > killed_at)
-        .count();
-    ensure!(
-        after_kill >= 100,
-        "only {after_kill} allowed datagrams arrived after the SIGKILL"
-    );
+    let sent = lab.assert_enforcement_survives_sigkill(blocked, allowed)?;
 
     // The killed daemon's decisions, read from the pinned maps, then from a new daemon.
     let offline = lab.aqd(&["list", "all", "--json"])?.ok()?;
