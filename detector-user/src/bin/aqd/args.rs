@@ -118,7 +118,7 @@ pub struct DecisionArgs {
     /// Never expires.
     #[arg(long)]
     pub permanent: bool,
-    /// Why (recorded in the audit log).
+    /// Why (shown by `list`, recorded in the audit log).
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Override the allowlist and minimum-prefix guards (management networks are never blocked).
