@@ -157,7 +157,7 @@ pub struct ImportArgs {
     /// How long the entries last [block: decisions.default_ttl; lists: permanent].
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
-    /// Why (recorded in the audit log).
+    /// Why (shown by `list` for blocks, recorded in the audit log).
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Override the allowlist and minimum-prefix guards.
