@@ -401,4 +401,27 @@ mod tests {
             assert!(e.message.contains(needle), "{needle}: {}", e.message);
         }
     }
+
+    /// The socket is 0600 (root only) by default, and 0660 owned by the configured group otherwise; a group that
+    /// does not exist is an error naming it.
+    #[tokio::test]
+    async fn socket_permissions_follow_the_configured_group() {
+        use std::os::unix::fs::MetadataExt as _;
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown to a group needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("aqd-socket-test-{}", std::process::id()));
+        let path = dir.join("aqd.sock");
+        let _listener = bind(&path, None).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let gid = group_id("nogroup").expect("Debian has a nogroup group");
+        let _listener = bind(&path, Some("nogroup")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid));
+        let err = bind(&path, Some("no-such-group-aqd")).unwrap_err();
+        assert!(err.to_string().contains("no-such-group-aqd"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
