@@ -139,6 +139,19 @@ struct Inventory {
     bpf_linker: Option<(PathBuf, Option<String>)>,
     /// rustup is on `PATH` (aya-build runs `rustup run /usr cargo build` for the eBPF crate).
     rustup: bool,
+    /// LLVM major version of Debian's rustc (`/usr/bin/rustc -vV`), when it is installed.
+    rust_web_llvm_major: Option<u32>,
+}
+
+/// The packages pinned to [`RUST_WEB_VERSION`]: they must always be installed at one and the same version.
+const RUST_WEB_PACKAGES: [&str; 3] = ["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
+/// The LLVM major bpf-linker is built for; Debian's rustc must use the same one.
+const LLVM_MAJOR: u32 = 22;
+
+/// `LLVM version: 22.1.8` in `rustc -vV` → 22.
+fn parse_llvm_major(rustc_vv: &str) -> Option<u32> {
+    let line = rustc_vv.lines().find_map(|l| l.strip_prefix("LLVM version:"))?;
+    line.trim().split('.').next()?.parse().ok()
 }
 
 /// One line of `dpkg-query -W`.
@@ -222,11 +235,35 @@ impl Inventory {
                 .and_then(|out| parse_bpf_linker_version(&String::from_utf8_lossy(&out.stdout)));
             (linker, version)
         });
+        let rust_web_llvm_major = Command::new("/usr/bin/rustc")
+            .arg("-vV")
+            .output()
+            .ok()
+            .and_then(|out| parse_llvm_major(&String::from_utf8_lossy(&out.stdout)));
         Inventory {
             packages,
             bpf_linker,
             rustup: util::find_in_path("rustup", &path).is_some(),
+            rust_web_llvm_major,
         }
+    }
+
+    /// Debian's Rust is installed at another version than the pin, but consistently (all three packages at
+    /// one version) and on the LLVM bpf-linker uses: the pinned version has left the mirror for a newer
+    /// point release, which works just as well.
+    fn rust_web_equivalent(&self) -> bool {
+        let versions: Vec<&str> = RUST_WEB_PACKAGES
+            .iter()
+            .filter_map(|n| {
+                self.packages
+                    .get(*n)
+                    .filter(|e| e.installed)
+                    .map(|e| e.version.as_str())
+            })
+            .collect();
+        versions.len() == RUST_WEB_PACKAGES.len()
+            && versions.iter().all(|v| *v == versions[0])
+            && self.rust_web_llvm_major == Some(LLVM_MAJOR)
     }
 
     /// What must be installed, in install order.
@@ -236,7 +273,7 @@ impl Inventory {
             .filter_map(|p| {
                 let entry = self.packages.get(p.name).filter(|e| e.installed);
                 let ok = match (entry, p.version) {
-                    (Some(e), Some(wanted)) => e.version == wanted,
+                    (Some(e), Some(wanted)) => e.version == wanted || self.rust_web_equivalent(),
                     (Some(_), None) => true,
                     (None, _) => false,
                 };
@@ -437,7 +474,24 @@ fn install(missing: &[Missing]) -> anyhow::Result<()> {
         apt_get(&["update"], missing)?;
         let mut install = vec!["install", "-y", "--no-install-recommends"];
         install.extend(debs.iter().map(String::as_str));
-        apt_get(&install, missing)?;
+        if let Err(e) = apt_get(&install, missing) {
+            // The mirror keeps only the newest point release of a package: when the pin has gone, take
+            // the current rustc-web/cargo-web/libstd together; the check afterwards insists on LLVM 22.
+            if !debs.iter().any(|d| d.contains(RUST_WEB_VERSION)) {
+                return Err(e);
+            }
+            println!(
+                "bootstrap: warning: {RUST_WEB_VERSION} is not installable ({e:#}); trying the current \
+                 Debian release of rustc-web, cargo-web and libstd-rust-web-dev-bpf"
+            );
+            let unpinned: Vec<String> = debs
+                .iter()
+                .map(|d| d.split('=').next().unwrap_or(d).to_string())
+                .collect();
+            let mut retry = vec!["install", "-y", "--no-install-recommends"];
+            retry.extend(unpinned.iter().map(String::as_str));
+            apt_get(&retry, missing)?;
+        }
     }
     if missing.iter().any(|m| matches!(m, Missing::BpfLinker { .. })) {
         let mut cargo = util::cargo();
@@ -475,7 +529,26 @@ mod tests {
                 )
             }),
             rustup: true,
+            rust_web_llvm_major: None,
         }
+    }
+
+    #[test]
+    fn a_newer_consistent_rust_web_on_llvm_22_is_accepted() {
+        let dpkg = "llvm-22-dev\tii \t1:22.1.8\nrustc-web\tii \t1.96.1+dfsg1-1~deb12u1\n\
+                    cargo-web\tii \t1.96.1+dfsg1-1~deb12u1\nlibstd-rust-web-dev-bpf\tii \t1.96.1+dfsg1-1~deb12u1\n\
+                    iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n";
+        let mut inv = inventory(dpkg, Some("bpf-linker 0.13.0\n"));
+        assert_eq!(
+            inv.missing().len(),
+            3,
+            "not without knowing the LLVM of that rustc"
+        );
+        inv.rust_web_llvm_major = Some(22);
+        assert!(inv.missing().is_empty(), "{:?}", inv.missing());
+        inv.rust_web_llvm_major = Some(23);
+        assert_eq!(inv.missing().len(), 3, "LLVM 23 needs bpf-linker rebuilt for it");
+        assert_eq!(parse_llvm_major("rustc 1.96.0\nLLVM version: 22.1.8\n"), Some(22));
     }
 
     const ALL_PRESENT: &str = "llvm-22-dev\tii \t1:22.1.8-1~deb12u1\n\
