@@ -75,6 +75,15 @@ pub fn unavailable() -> Option<&'static str> {
     None
 }
 
+/// A fresh lab for a test, or `None` (skipped, see [`crate::skip_or_fail`]) where labs cannot be built.
+pub fn lab_for_test() -> Option<Lab> {
+    if let Some(why) = unavailable() {
+        crate::skip_or_fail(why);
+        return None;
+    }
+    Some(Lab::new().expect("building the lab"))
+}
+
 /// The `aqd` binary: `$AQD_BIN`, else `<workspace>/target/debug/aqd`.
 pub fn aqd_bin() -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os("AQD_BIN") {
@@ -653,6 +662,26 @@ impl Lab {
                 bail!("aqd run ignored SIGTERM for {STOP_TIMEOUT:?}; killed it")
             }
         }
+    }
+
+    /// All `n` datagrams of a UDP probe from `from` arrive.
+    pub fn assert_udp_passes(&self, from: IpAddr, n: usize) -> anyhow::Result<()> {
+        let got = self.udp_probe(from, n)?;
+        ensure!(
+            got == n,
+            "expected all {n} datagrams from {from} to arrive, {got} did"
+        );
+        Ok(())
+    }
+
+    /// None of `n` datagrams of a UDP probe from `from` arrive.
+    pub fn assert_udp_dropped(&self, from: IpAddr, n: usize) -> anyhow::Result<()> {
+        let got = self.udp_probe(from, n)?;
+        ensure!(
+            got == 0,
+            "expected the datagrams from {from} to be dropped, {got} of {n} arrived"
+        );
+        Ok(())
     }
 
     /// SIGKILLs the daemon in the middle of a UDP stream from two client sources, `blocked` (which must already

@@ -41,15 +41,6 @@ const SLOW_CLASS: &str = "[rate_classes.slow]\nid = 2\npackets_per_second = 10\n
 /// The labs' management network, where one is configured.
 const MANAGEMENT: &str = "192.0.2.0/24";
 
-/// A fresh lab, or `None` (with the reason printed) where these tests cannot run.
-fn lab() -> Option<Lab> {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    Some(Lab::new().expect("building the lab"))
-}
-
 /// The command exited with `code`; returns it for more checks.
 fn expect_code(out: CmdOutput, code: i32) -> anyhow::Result<CmdOutput> {
     ensure!(out.code == Some(code), "expected exit {code}: {out}");
@@ -173,24 +164,6 @@ fn assert_untouched(lab: &Lab, from: IpAddr, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn assert_udp_passes(lab: &Lab, from: IpAddr) -> anyhow::Result<()> {
-    let got = lab.udp_probe(from, N)?;
-    ensure!(
-        got == N,
-        "expected all {N} datagrams from {from} to arrive, {got} did"
-    );
-    Ok(())
-}
-
-fn assert_udp_dropped(lab: &Lab, from: IpAddr) -> anyhow::Result<()> {
-    let got = lab.udp_probe(from, N)?;
-    ensure!(
-        got == 0,
-        "expected the datagrams from {from} to be dropped, {got} of {N} arrived"
-    );
-    Ok(())
-}
-
 /// `remaining_secs` of a row, or an error if permanent.
 fn remaining(row: &Value) -> anyhow::Result<u64> {
     row["remaining_secs"]
@@ -204,7 +177,9 @@ fn remaining(row: &Value) -> anyhow::Result<u64> {
 
 #[test]
 fn every_cli_command_against_the_running_daemon() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.write_config("", SLOW_CLASS)?;
     let attached = lab.start_daemon()?;
     let client4: IpAddr = lab.client_v4.into();
@@ -492,7 +467,7 @@ fn every_cli_command_against_the_running_daemon() -> anyhow::Result<()> {
         "pinned maps left in {}",
         lab.pin_dir().display()
     );
-    assert_udp_passes(&lab, client4)?;
+    lab.assert_udp_passes(client4, N)?;
     let status = lab.stop_daemon()?;
     ensure!(status.success(), "aqd run after detach: {status}");
     Ok(())
@@ -664,7 +639,9 @@ fn run_daemon_once(lab: &Lab, timeout: Duration) -> anyhow::Result<CmdOutput> {
 
 #[test]
 fn config_errors_name_file_line_and_field_and_stop_the_start() -> anyhow::Result<()> {
-    let Some(lab) = lab() else { return Ok(()) };
+    let Some(lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     for bad in BAD_CONFIGS {
         let path = lab.config();
         std::fs::write(&path, bad.text(&lab))?;
@@ -704,7 +681,9 @@ fn limited_config(ports: &str, deny: &str, extra: &str) -> String {
 
 #[test]
 fn bad_config_on_reload_is_rejected_and_the_old_one_kept() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let client: IpAddr = lab.client_v4.into();
     let old_ports = format!("[{SERVICE_PORT}]");
     let new_ports = format!("[{SERVICE_PORT}, {SECOND_PORT}]");
@@ -841,7 +820,9 @@ fn bad_config_on_reload_is_rejected_and_the_old_one_kept() -> anyhow::Result<()>
 
 #[test]
 fn bad_list_file_is_rejected_naming_file_and_line() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let list_file = lab.file("deny.netset");
     std::fs::write(
         &list_file,
@@ -890,7 +871,9 @@ fn bad_list_file_is_rejected_naming_file_and_line() -> anyhow::Result<()> {
 /// input like a bad config (exit 2): `main.rs` wraps the `listfile::load` error in `anyhow::Error::msg`.
 #[test]
 fn check_config_with_a_bad_list_file_exits_2() -> anyhow::Result<()> {
-    let Some(lab) = lab() else { return Ok(()) };
+    let Some(lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let list_file = lab.file("deny.netset");
     std::fs::write(&list_file, "not-an-ip\n")?;
     lab.write_config("", &format!("[lists]\ndeny_files = [{list_file:?}]\n"))?;
@@ -1035,7 +1018,9 @@ fn make_decisions(lab: &Lab, blocked: IpAddr, keep_passing: IpAddr) -> anyhow::R
 
 #[test]
 fn restart_keeps_decisions_ttls_and_audit_history() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let first = lab.start_daemon()?;
     let blocked: IpAddr = lab.client_v4.into();
     let allowed: IpAddr = lab.client_v4_alt.into();
@@ -1046,7 +1031,7 @@ fn restart_keeps_decisions_ttls_and_audit_history() -> anyhow::Result<()> {
     assert_eq!(before.lists.len(), 2, "{before:?}");
     let audit_before = std::fs::read_to_string(lab.audit_log())?;
     assert_eq!(audit_before.lines().count(), 6, "{audit_before}");
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
 
     let status = lab.stop_daemon()?;
     ensure!(status.success(), "aqd run on SIGTERM: {status}");
@@ -1058,7 +1043,7 @@ fn restart_keeps_decisions_ttls_and_audit_history() -> anyhow::Result<()> {
         "{offline}"
     );
     Decisions::of(&offline.json()?)?.same_as(&before, listed_at.elapsed())?;
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
 
     // Long enough for every TTL to lose at least a second.
     thread::sleep(Duration::from_millis(2100).saturating_sub(listed_at.elapsed()));
@@ -1070,8 +1055,8 @@ fn restart_keeps_decisions_ttls_and_audit_history() -> anyhow::Result<()> {
         after.counted_down_from(&before),
         "no TTL counted down across the restart:\n{before:?}\n{after:?}"
     );
-    assert_udp_dropped(&lab, blocked)?;
-    assert_udp_passes(&lab, allowed)?;
+    lab.assert_udp_dropped(blocked, N)?;
+    lab.assert_udp_passes(allowed, N)?;
 
     // The audit log kept its history and goes on from there.
     lab.aqd(&["unblock", &blocked.to_string()])?.ok()?;
@@ -1087,13 +1072,15 @@ fn restart_keeps_decisions_ttls_and_audit_history() -> anyhow::Result<()> {
         "{records:?}"
     );
     assert_eq!(records[0]["reason"], "restart test");
-    assert_udp_passes(&lab, blocked)?;
+    lab.assert_udp_passes(blocked, N)?;
     Ok(())
 }
 
 #[test]
 fn sigkill_during_traffic_keeps_the_same_decisions() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     let blocked: IpAddr = lab.client_v4.into();
     let allowed: IpAddr = lab.client_v4_alt.into();
@@ -1126,8 +1113,8 @@ fn sigkill_during_traffic_keeps_the_same_decisions() -> anyhow::Result<()> {
         hits.saturating_sub(hits_before),
         sent[0]
     );
-    assert_udp_dropped(&lab, blocked)?;
-    assert_udp_passes(&lab, allowed)?;
+    lab.assert_udp_dropped(blocked, N)?;
+    lab.assert_udp_passes(allowed, N)?;
     Ok(())
 }
 
@@ -1192,7 +1179,9 @@ fn assert_serving(lab: &mut Lab) -> anyhow::Result<()> {
 
 #[test]
 fn malformed_socket_requests_get_errors_and_never_stop_the_daemon() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     let socket = lab.socket();
 
@@ -1350,7 +1339,9 @@ fn malformed_socket_requests_get_errors_and_never_stop_the_daemon() -> anyhow::R
 
 #[test]
 fn lockout_guard_with_and_without_the_daemon() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.write_config(
         "",
         &format!("[protection]\nmanagement = [\"{MANAGEMENT}\"]\n[lists]\nallow = [\"198.51.100.10\"]\n"),
@@ -1483,7 +1474,9 @@ const IMPORT_ENTRIES: u32 = 100_000;
 
 #[test]
 fn import_100k_entries_with_jittered_expiries() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     // 100.64.0.1 … 100.65.134.160, distinct, inside 100.64.0.0/10; comments and blank lines between them.
     let base = u32::from(Ipv4Addr::new(100, 64, 0, 0));
@@ -1633,7 +1626,9 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_endpoint_reports_drops_and_decisions() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     // Loopback inside the server namespace: every lab has its own, so the port never collides.
     let address: SocketAddr = "127.0.0.1:9477".parse()?;
     lab.write_config(&format!("metrics_address = \"{address}\""), "")?;
@@ -1660,7 +1655,7 @@ fn metrics_endpoint_reports_drops_and_decisions() -> anyhow::Result<()> {
     std::fs::write(&file, "198.51.100.4\n198.51.100.5\n")?;
     lab.aqd(&["import", file.to_str().expect("utf-8"), "--into", "block"])?
         .ok()?;
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
 
     let response = netns::http_get(&lab.server, address, "/metrics", Duration::from_secs(5))?;
     let (head, body) = response
@@ -1720,7 +1715,9 @@ fn metrics_endpoint_reports_drops_and_decisions() -> anyhow::Result<()> {
 /// (a reload removes it; a restart does not), indistinguishable from one added with `aqd deny`.
 #[test]
 fn restart_removes_config_entries_no_longer_configured() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.write_config(
         "",
         "[lists]\ndeny = [\"198.51.100.7\"]\nallow = [\"198.51.100.8\"]\n",
@@ -1746,7 +1743,9 @@ fn restart_removes_config_entries_no_longer_configured() -> anyhow::Result<()> {
 /// through `enforcer.maps` directly.
 #[test]
 fn config_list_changes_are_audited() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.write_config("", "[lists]\ndeny = [\"198.51.100.7\"]\n")?;
     lab.start_daemon()?;
     lab.write_config("", "[lists]\ndeny = [\"198.51.100.8\"]\n")?;
@@ -1770,7 +1769,9 @@ fn config_list_changes_are_audited() -> anyhow::Result<()> {
 /// as fields of `RawRateClass` makes toml point at the key's line and show it.)
 #[test]
 fn type_errors_in_rate_classes_name_the_field_and_line() -> anyhow::Result<()> {
-    let Some(lab) = lab() else { return Ok(()) };
+    let Some(lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let rest = "[rate_classes.slow]\nid = 2\npackets_per_second = \"5\"\n";
     lab.write_config("", rest)?;
     let line = line_of(&lab.config_text("", rest), "packets_per_second");

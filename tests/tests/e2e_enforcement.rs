@@ -19,35 +19,6 @@ const N: usize = 20;
 /// Connect timeout of a TCP probe: generous for a veth, short enough for probes that must time out.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(400);
 
-/// A fresh lab, or `None` (with the reason printed) where these tests cannot run.
-fn lab() -> Option<Lab> {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    Some(Lab::new().expect("building the lab"))
-}
-
-/// All `N` datagrams from `from` arrive.
-fn assert_udp_passes(lab: &Lab, from: IpAddr) -> anyhow::Result<()> {
-    let got = lab.udp_probe(from, N)?;
-    ensure!(
-        got == N,
-        "expected all {N} datagrams from {from} to arrive, {got} did"
-    );
-    Ok(())
-}
-
-/// None of `N` datagrams from `from` arrive.
-fn assert_udp_dropped(lab: &Lab, from: IpAddr) -> anyhow::Result<()> {
-    let got = lab.udp_probe(from, N)?;
-    ensure!(
-        got == 0,
-        "expected the datagrams from {from} to be dropped, {got} of {N} arrived"
-    );
-    Ok(())
-}
-
 fn assert_tcp_connects(lab: &Lab, family: Family, n: usize) -> anyhow::Result<()> {
     let r = lab.tcp_probe(family, n, CONNECT_TIMEOUT)?;
     ensure!(
@@ -78,7 +49,9 @@ fn only_attachment(lab: &Lab) -> anyhow::Result<netns::Attachment> {
 
 #[test]
 fn traffic_passes_and_is_counted() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let attached = lab.start_daemon()?;
     assert_eq!(attached.iface, SERVER_IF);
     assert_eq!(
@@ -87,8 +60,8 @@ fn traffic_passes_and_is_counted() -> anyhow::Result<()> {
     );
     let before = lab.status()?;
 
-    assert_udp_passes(&lab, lab.client_v4.into())?;
-    assert_udp_passes(&lab, lab.client_v6.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
+    lab.assert_udp_passes(lab.client_v6.into(), N)?;
     assert_tcp_connects(&lab, Family::V4, 3)?;
 
     let after = lab.status()?;
@@ -112,19 +85,21 @@ fn traffic_passes_and_is_counted() -> anyhow::Result<()> {
 
 #[test]
 fn block_drops_client_until_unblocked() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     let client = lab.client_v4.to_string();
-    assert_udp_passes(&lab, lab.client_v4.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
 
     // From outside the namespaces: the maps are pinned in the lab's bpffs, reachable from everywhere.
     let out = lab.aqd_outside(&["block", &client])?.ok()?;
     assert!(out.stdout.contains(&client), "{out}");
     let before = lab.status()?;
-    assert_udp_dropped(&lab, lab.client_v4.into())?;
+    lab.assert_udp_dropped(lab.client_v4.into(), N)?;
     assert_tcp_times_out(&lab, Family::V4)?;
     // Another address of the same client is not affected by an exact block.
-    assert_udp_passes(&lab, lab.client_v4_alt.into())?;
+    lab.assert_udp_passes(lab.client_v4_alt.into(), N)?;
 
     let after = lab.status()?;
     let dropped = after.reason("drop_block_exact") - before.reason("drop_block_exact");
@@ -156,23 +131,25 @@ fn block_drops_client_until_unblocked() -> anyhow::Result<()> {
             .any(|e| e["origin"] == "cli" && e["target"] == target.as_str() && e["action"] == action);
         assert!(found, "no cli {action} of {target} in the audit log:\n{audit}");
     }
-    assert_udp_passes(&lab, lab.client_v4.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
     assert_tcp_connects(&lab, Family::V4, 1)?;
     Ok(())
 }
 
 #[test]
 fn ipv6_block_leaves_ipv4_alone() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     let client6 = lab.client_v6.to_string();
-    assert_udp_passes(&lab, lab.client_v6.into())?;
+    lab.assert_udp_passes(lab.client_v6.into(), N)?;
 
     lab.aqd(&["block", &client6, "--ttl", "10m"])?.ok()?;
     let before = lab.status()?;
-    assert_udp_dropped(&lab, lab.client_v6.into())?;
+    lab.assert_udp_dropped(lab.client_v6.into(), N)?;
     assert_tcp_times_out(&lab, Family::V6)?;
-    assert_udp_passes(&lab, lab.client_v4.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
     assert_tcp_connects(&lab, Family::V4, 1)?;
 
     let after = lab.status()?;
@@ -192,19 +169,21 @@ fn ipv6_block_leaves_ipv4_alone() -> anyhow::Result<()> {
     assert!((1..=600).contains(&left), "10m TTL, {left}s left");
 
     lab.aqd(&["unblock", &client6])?.ok()?;
-    assert_udp_passes(&lab, lab.client_v6.into())?;
+    lab.assert_udp_passes(lab.client_v6.into(), N)?;
     assert_tcp_connects(&lab, Family::V6, 1)?;
     Ok(())
 }
 
 #[test]
 fn restart_keeps_block_and_replaces_program_atomically() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let first = lab.start_daemon()?;
     let blocked: IpAddr = lab.client_v4.into();
     let allowed: IpAddr = lab.client_v4_alt.into();
     lab.aqd(&["block", &blocked.to_string()])?.ok()?;
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
 
     // No daemon: the program stays attached (it belongs to the interface) and keeps enforcing.
     let status = lab.stop_daemon()?;
@@ -215,8 +194,8 @@ fn restart_keeps_block_and_replaces_program_atomically() -> anyhow::Result<()> {
     assert_eq!(only_attachment(&lab)?.program_id, first.program_id);
     let before = lab.status()?;
     assert_eq!(before.daemon_running(), Some(false), "{}", before.json);
-    assert_udp_dropped(&lab, blocked)?;
-    assert_udp_passes(&lab, allowed)?;
+    lab.assert_udp_dropped(blocked, N)?;
+    lab.assert_udp_passes(allowed, N)?;
     let after = lab.status()?;
     ensure!(
         after.reason("drop_block_exact") - before.reason("drop_block_exact") >= N as u64,
@@ -277,15 +256,17 @@ fn restart_keeps_block_and_replaces_program_atomically() -> anyhow::Result<()> {
         first.program_id
     );
 
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
     lab.aqd(&["unblock", &blocked.to_string()])?.ok()?;
-    assert_udp_passes(&lab, blocked)?;
+    lab.assert_udp_passes(blocked, N)?;
     Ok(())
 }
 
 #[test]
 fn sigkill_during_traffic_keeps_enforcing() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let attached = lab.start_daemon()?;
     let blocked: IpAddr = lab.client_v4.into();
     let allowed: IpAddr = lab.client_v4_alt.into();
@@ -302,7 +283,7 @@ fn sigkill_during_traffic_keeps_enforcing() -> anyhow::Result<()> {
         "every blocked datagram counted once: {}",
         after.json
     );
-    assert_udp_dropped(&lab, blocked)?;
+    lab.assert_udp_dropped(blocked, N)?;
 
     // SIGKILL left the control socket behind: a new daemon replaces it and answers the CLI.
     let second = lab.start_daemon()?;
@@ -310,16 +291,18 @@ fn sigkill_during_traffic_keeps_enforcing() -> anyhow::Result<()> {
     let status = lab.status()?;
     assert_eq!(status.daemon_running(), Some(true), "{}", status.json);
     lab.aqd(&["unblock", &blocked.to_string()])?.ok()?;
-    assert_udp_passes(&lab, blocked)?;
+    lab.assert_udp_passes(blocked, N)?;
     Ok(())
 }
 
 #[test]
 fn detach_removes_attachment_and_pins() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     lab.aqd(&["block", &lab.client_v4.to_string()])?.ok()?;
-    assert_udp_dropped(&lab, lab.client_v4.into())?;
+    lab.assert_udp_dropped(lab.client_v4.into(), N)?;
     lab.stop_daemon()?;
     assert!(lab.pin_dir().join("DECISION_EXACT").exists());
 
@@ -336,14 +319,16 @@ fn detach_removes_attachment_and_pins() -> anyhow::Result<()> {
         lab.pin_dir().display()
     );
     // Nothing left enforcing: the old block is gone with the program.
-    assert_udp_passes(&lab, lab.client_v4.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
     assert_tcp_connects(&lab, Family::V4, 1)?;
     Ok(())
 }
 
 #[test]
 fn detach_iface_keeps_maps_and_stops_enforcing() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     let client = lab.client_v4.to_string();
     lab.aqd(&["block", &client])?.ok()?;
@@ -354,12 +339,12 @@ fn detach_iface_keeps_maps_and_stops_enforcing() -> anyhow::Result<()> {
     assert!(status.attachments().is_empty(), "{}", status.json);
     assert_eq!(netns::xdp_program_id(&lab.server, SERVER_IF)?, None);
     // Untouched: it passes and no counter moves (no program runs).
-    assert_udp_passes(&lab, lab.client_v4.into())?;
+    lab.assert_udp_passes(lab.client_v4.into(), N)?;
     assert_eq!(lab.status()?.packets(), status.packets());
     // The state is kept: the decision is still there and a new daemon enforces it again.
     assert_eq!(lab.decisions()?.len(), 1);
     lab.start_daemon()?;
-    assert_udp_dropped(&lab, lab.client_v4.into())?;
+    lab.assert_udp_dropped(lab.client_v4.into(), N)?;
     // A second detach of the same interface has nothing to do.
     lab.stop_daemon()?;
     lab.aqd(&["detach", "--iface", SERVER_IF])?.ok()?;
@@ -371,7 +356,9 @@ fn detach_iface_keeps_maps_and_stops_enforcing() -> anyhow::Result<()> {
 /// `aqd status` after a full `aqd detach` should report "attached nowhere", not fail on the missing pins.
 #[test]
 fn status_after_full_detach_reports_no_attachment() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     lab.start_daemon()?;
     lab.stop_daemon()?;
     lab.aqd(&["detach"])?.ok()?;
@@ -382,7 +369,9 @@ fn status_after_full_detach_reports_no_attachment() -> anyhow::Result<()> {
 
 #[test]
 fn cli_rejects_bad_input() -> anyhow::Result<()> {
-    let Some(mut lab) = lab() else { return Ok(()) };
+    let Some(mut lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     // The maps must exist for the checks that run after opening them (host bits, unblock).
     lab.start_daemon()?;
     let expect = |args: &[&str], code: i32, mention: &str| -> anyhow::Result<()> {
@@ -407,7 +396,9 @@ fn cli_rejects_bad_input() -> anyhow::Result<()> {
 /// Input errors are input errors even where no daemon ever ran (no pinned maps yet).
 #[test]
 fn cli_rejects_host_bits_without_pinned_maps() -> anyhow::Result<()> {
-    let Some(lab) = lab() else { return Ok(()) };
+    let Some(lab) = netns::lab_for_test() else {
+        return Ok(());
+    };
     let out = lab.aqd(&["block", "10.0.0.5/24"])?;
     ensure!(out.code == Some(2) && out.stderr.contains("10.0.0.0/24"), "{out}");
     Ok(())

@@ -41,7 +41,7 @@ const US: u64 = 1_000;
 fn kernel_and_reference_agree_on_random_and_mutated_frames() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: loading the XDP program needs root");
+        aqd_tests::skip_or_fail("loading the XDP program needs root");
         return;
     }
     // A fixed default keeps CI deterministic; `AQD_DIFF_SEED=random` explores new seeds.
