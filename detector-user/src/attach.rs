@@ -150,12 +150,7 @@ pub fn interface_index(iface: &str) -> Option<u32> {
 
 /// Attaches `program` to `iface` in `mode`, or atomically replaces the aqd program already there.
 pub fn attach(program: BorrowedFd<'_>, iface: &str, mode: AttachMode) -> Result<Attached, AttachError> {
-    let ifindex =
-        interface_index(iface).ok_or_else(|| AttachError::NoSuchInterface { iface: iface.into() })?;
-    let state = query(ifindex).map_err(|source| AttachError::Query {
-        iface: iface.into(),
-        source,
-    })?;
+    let (ifindex, state) = interface_state(iface)?;
     if state.other {
         return Err(AttachError::Multiple { iface: iface.into() });
     }
@@ -222,14 +217,20 @@ pub fn detach(iface: &str) -> Result<bool, AttachError> {
     Ok(true)
 }
 
-/// The aqd attachment of one interface, if any.
-pub fn attachment(iface: &str) -> Result<Option<Attachment>, AttachError> {
+/// The ifindex of `iface` and what XDP runs there.
+fn interface_state(iface: &str) -> Result<(u32, XdpState), AttachError> {
     let ifindex =
         interface_index(iface).ok_or_else(|| AttachError::NoSuchInterface { iface: iface.into() })?;
     let state = query(ifindex).map_err(|source| AttachError::Query {
         iface: iface.into(),
         source,
     })?;
+    Ok((ifindex, state))
+}
+
+/// The aqd attachment of one interface, if any.
+pub fn attachment(iface: &str) -> Result<Option<Attachment>, AttachError> {
+    let (ifindex, state) = interface_state(iface)?;
     let (Some(mode), Some(program_id)) = (state.mode, state.program_id) else {
         return Ok(None);
     };
