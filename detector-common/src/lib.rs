@@ -10,14 +10,17 @@
 
 pub mod addr;
 pub mod event;
+pub mod flow;
+pub mod hello;
 pub mod syn;
 
 pub use addr::AddrKey;
-pub use event::{ConnEvent, DropEvent, EventHeader, EventKind, FlowTuple};
+pub use event::{ConnEvent, DropEvent, EventHeader, EventKind, FlowEvent, FlowTuple, PayloadEvent};
+pub use flow::{FlowState, Scratch};
 pub use syn::SynSignature;
 
 /// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, exactly as the XDP program declares them and as they are pinned in bpffs.
 /// The kernel limits object names to 15 bytes.
@@ -35,9 +38,19 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const REASONS: &str = "REASONS";
+    /// Verdicts by SYN signature key (`SynSignature::key`): value [`crate::Decision`].
+    pub const SYN_VERDICTS: &str = "SYN_VERDICTS";
+    /// Verdicts by kernel ClientHello key (`hello::HelloKeyParts::key`): value [`crate::Decision`].
+    pub const HELLO_VERDICTS: &str = "HELLO_VERDICTS";
+    /// Per-flow state of TCP connections to protected ports (LRU).
+    pub const FLOWS: &str = "FLOWS";
+    /// The tail-call table: index [`crate::PROG_INDEX_TCP`] and [`crate::PROG_INDEX_HELLO`].
+    pub const PROGRAMS: &str = "PROGRAMS";
+    /// Per-CPU hand-off and work space of the tail-called programs (never read by userspace).
+    pub const SCRATCH: &str = "SCRATCH";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -51,6 +64,11 @@ pub mod map_names {
         COUNTERS,
         EVENTS,
         REASONS,
+        SYN_VERDICTS,
+        HELLO_VERDICTS,
+        FLOWS,
+        PROGRAMS,
+        SCRATCH,
     ];
 }
 
@@ -58,6 +76,13 @@ pub mod map_names {
 pub const PROGRAM_NAME: &str = "aqd_xdp";
 /// A bare `XDP_PASS` program in the same object, for benchmarks (the per-packet floor). Never attached.
 pub const FLOOR_PROGRAM_NAME: &str = "aqd_floor";
+/// The TCP program `aqd_xdp` tail-calls for TCP packets to protected ports: SYN signatures, flows, requests.
+pub const TCP_PROGRAM_NAME: &str = "aqd_tcp";
+/// The program `aqd_tcp` tail-calls for a flow's first payload segment: the ClientHello key and its verdict.
+pub const HELLO_PROGRAM_NAME: &str = "aqd_hello";
+/// Slots of the `PROGRAMS` tail-call table.
+pub const PROG_INDEX_TCP: u32 = 0;
+pub const PROG_INDEX_HELLO: u32 = 1;
 /// Name of the read-only global that, when set to 1 at load time, makes the program read "now" from
 /// [`Config::test_now_ns`] instead of the monotonic clock. Only tests set it; the verifier prunes the test path
 /// from production loads.
@@ -82,6 +107,11 @@ pub mod capacity {
     pub const PROTECTED_PORTS: u32 = 65_536;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    pub const SYN_VERDICTS: u32 = 16_384;
+    pub const HELLO_VERDICTS: u32 = 16_384;
+    /// LRU: TCP connections to protected ports tracked at once.
+    pub const FLOWS: u32 = 262_144;
+    pub const PROGRAMS: u32 = 2;
 }
 
 /// Prefix lengths of the "prefix" decision scope: a /24 for IPv4, a /64 for IPv6.
@@ -183,10 +213,17 @@ pub enum Reason {
     DropRatePackets = 11,
     /// Over the new-connections-per-second limit of the source's rate class.
     DropRateConnections = 12,
+    /// A SYN whose signature has a block verdict.
+    DropSynFingerprint = 13,
+    /// A ClientHello whose kernel key has a block verdict (the packet carrying it is dropped).
+    DropHelloFingerprint = 14,
+    /// A packet of a flow blocked by its fingerprint (after the ClientHello, or set by the daemon for a
+    /// ClientHello the kernel could not key).
+    DropFlowFingerprint = 15,
 }
 
 /// Number of [`Reason`] values; the size of the per-reason counter array.
-pub const REASON_COUNT: usize = 13;
+pub const REASON_COUNT: usize = 16;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT] = [
@@ -203,6 +240,9 @@ impl Reason {
         Self::DropBlockPrefix,
         Self::DropRatePackets,
         Self::DropRateConnections,
+        Self::DropSynFingerprint,
+        Self::DropHelloFingerprint,
+        Self::DropFlowFingerprint,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -219,7 +259,10 @@ impl Reason {
             | Self::DropBlockExact
             | Self::DropBlockPrefix
             | Self::DropRatePackets
-            | Self::DropRateConnections => Verdict::Drop,
+            | Self::DropRateConnections
+            | Self::DropSynFingerprint
+            | Self::DropHelloFingerprint
+            | Self::DropFlowFingerprint => Verdict::Drop,
         }
     }
 
@@ -247,6 +290,9 @@ impl Reason {
             Self::DropBlockPrefix => "drop_block_prefix",
             Self::DropRatePackets => "drop_rate_packets",
             Self::DropRateConnections => "drop_rate_connections",
+            Self::DropSynFingerprint => "drop_syn_fingerprint",
+            Self::DropHelloFingerprint => "drop_hello_fingerprint",
+            Self::DropFlowFingerprint => "drop_flow_fingerprint",
         }
     }
 }
@@ -362,10 +408,16 @@ pub struct Config {
     pub flags: u32,
     /// "Now" for the test clock (only read when the program was loaded with [`TEST_CLOCK_GLOBAL`] = 1).
     pub test_now_ns: u64,
+    /// Idle gap that ends a request on a flow (0 = [`flow::DEFAULT_REQUEST_GAP_NS`]).
+    pub request_gap_ns: u64,
 }
 
 /// Emit a connection event for every new TCP connection (SYN without ACK) to a protected port.
 pub const CONFIG_FLAG_CONN_EVENTS: u32 = 1 << 0;
+/// Hand the first client bytes of each flow to userspace (ClientHello capture for JA4).
+pub const CONFIG_FLAG_CAPTURE: u32 = 1 << 1;
+/// Emit request and flow-end events.
+pub const CONFIG_FLAG_REQUEST_EVENTS: u32 = 1 << 2;
 
 /// Per-CPU counters: the single entry of the `COUNTERS` per-CPU array.
 #[repr(C)]
@@ -377,6 +429,9 @@ pub struct Counters {
     pub events_sent: [u64; event::EVENT_KIND_COUNT],
     /// Events lost because the ring buffer was full, by [`EventKind`] index.
     pub events_lost: [u64; event::EVENT_KIND_COUNT],
+    /// Events deliberately not sent because the ring buffer was more than half full (load shedding of the
+    /// events the model can do without: requests and flow ends), by [`EventKind`] index.
+    pub events_shed: [u64; event::EVENT_KIND_COUNT],
     /// Running count of drops on this CPU, for 1-in-N sampling.
     pub drop_sample_tick: u64,
 }
@@ -387,6 +442,7 @@ impl Default for Counters {
             by_reason: [0; REASON_COUNT],
             events_sent: [0; event::EVENT_KIND_COUNT],
             events_lost: [0; event::EVENT_KIND_COUNT],
+            events_shed: [0; event::EVENT_KIND_COUNT],
             drop_sample_tick: 0,
         }
     }
@@ -405,6 +461,9 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ReasonText {}
+    unsafe impl aya::Pod for FlowTuple {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for Scratch {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
@@ -414,7 +473,7 @@ const _: () = assert!(core::mem::size_of::<Decision>() == 24);
 const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<ReasonText>() == 64);
 const _: () =
-    assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 2 * event::EVENT_KIND_COUNT + 1));
+    assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 3 * event::EVENT_KIND_COUNT + 1));

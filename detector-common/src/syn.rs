@@ -8,6 +8,9 @@
 
 /// Most TCP option kinds recorded per SYN (the options area is at most 40 bytes).
 pub const SYN_MAX_OPTIONS: usize = 16;
+/// Options a SYN parser walks at most (the kernel's loop bound); a longer run of options is the `bad` quirk.
+/// Real stacks send 4–10 options; only NOP padding gets near this.
+pub const SYN_MAX_OPTIONS_WALKED: usize = 20;
 
 /// TCP option kinds with a meaning in p0f's option layout.
 pub mod option_kind {

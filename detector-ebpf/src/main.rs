@@ -6,8 +6,11 @@
 //!   → denylist (exact, prefix)             → DROP
 //!   → decision (exact, then /24 or /64)    → block: DROP · throttle: rate class · monitor: count
 //!   → protected port? per-source state: counters + token buckets (GCRA) → over the limit: DROP
-//!   → SYN to a protected port: connection event
+//!   → TCP to a protected port: tail call to `aqd_tcp` (tcp.rs: SYN signature and its verdict, flows,
+//!     requests, capture), which tail-calls `aqd_hello` (hello.rs) for a flow's first payload segment
 //! ```
+//! The TCP work is in separate programs so each is verified on its own: inlined into this one, the SYN option
+//! walk and the ClientHello walk multiplied the verifier's paths through the classifier (loads took seconds).
 //! Every packet is counted under exactly one [`Reason`]; drops are sampled 1-in-N to the ring buffer; failed
 //! ring-buffer reservations are counted. Malformed input is passed to the kernel stack (which drops it) and
 //! counted; the program never returns `XDP_ABORTED`. Policy (what to block, which limits) lives in userspace;
@@ -15,67 +18,36 @@
 #![no_std]
 #![no_main]
 
+mod account;
+mod capture;
+mod clock;
+mod hello;
+mod limits;
+mod maps;
 mod parse;
+mod tcp;
 
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_map_lookup_elem},
-    macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    helpers::bpf_map_lookup_elem,
+    macros::xdp,
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
-use aya_log_ebpf::warn;
-use core::mem::size_of;
 use detector_common::{
-    Action, AddrKey, Bucket, CONFIG_FLAG_CONN_EVENTS, Config, ConnEvent, Counters, Decision, DropEvent,
-    EventHeader, EventKind, FlowTuple, ListEntry, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, ReasonText,
-    SourceState, Verdict, capacity,
+    Action, AddrKey, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP, Reason, Verdict,
 };
 
+use account::account;
+use clock::Clock;
+use limits::{live_decision, track_source};
+use maps::{
+    ALLOW_EXACT, ALLOW_PREFIX, CONFIG, DECISION_EXACT, DECISION_PREFIX, DEFAULT_CONFIG, DENY_EXACT,
+    DENY_PREFIX, PROGRAMS, PROTECTED_PORTS, SCRATCH,
+};
 use parse::{Packet, ParseError};
 
-#[map(name = "ALLOW_EXACT")]
-static ALLOW_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::ALLOW_EXACT, 0);
-#[map(name = "ALLOW_PREFIX")]
-static ALLOW_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::ALLOW_PREFIX, 0);
-#[map(name = "DENY_EXACT")]
-static DENY_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::DENY_EXACT, 0);
-#[map(name = "DENY_PREFIX")]
-static DENY_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::DENY_PREFIX, 0);
-#[map(name = "DECISION_EXACT")]
-static DECISION_EXACT: HashMap<AddrKey, Decision> = HashMap::with_max_entries(capacity::DECISION_EXACT, 0);
-#[map(name = "DECISION_PREFIX")]
-static DECISION_PREFIX: HashMap<AddrKey, Decision> = HashMap::with_max_entries(capacity::DECISION_PREFIX, 0);
-#[map(name = "SOURCES")]
-static SOURCES: LruHashMap<AddrKey, SourceState> = LruHashMap::with_max_entries(capacity::SOURCES, 0);
-#[map(name = "RATE_CLASSES")]
-static RATE_CLASSES: Array<RateClass> = Array::with_max_entries(capacity::RATE_CLASSES, 0);
-/// Non-zero at index `port` when `port` (TCP or UDP destination) is a protected service port.
-#[map(name = "PROTECTED_PORTS")]
-static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(capacity::PROTECTED_PORTS, 0);
-#[map(name = "CONFIG")]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-#[map(name = "COUNTERS")]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
-/// Decision reason texts, for userspace only (see `detector_common::ReasonText`); pinned with the decisions.
-#[map(name = "REASONS")]
-static REASONS: Array<ReasonText> = Array::with_max_entries(capacity::REASONS, 0);
-#[map(name = "EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
-
-/// Set to 1 at load time (`detector_common::TEST_CLOCK_GLOBAL`) to take "now" from `Config::test_now_ns`.
-/// Read-only: the verifier sees the constant and prunes the branch not taken.
-#[unsafe(no_mangle)]
-static AQD_TEST_CLOCK: u8 = 0;
-
-static DEFAULT_CONFIG: Config = Config {
-    drop_sample_every: 0,
-    flags: 0,
-    test_now_ns: 0,
-};
-
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// `FlowTuple::proto` when an IPv6 extension chain was too long to find the transport protocol.
 const PROTO_UNKNOWN: u8 = 0;
@@ -86,7 +58,7 @@ pub fn aqd_xdp(ctx: XdpContext) -> u32 {
     let config = CONFIG.get(0).unwrap_or(&DEFAULT_CONFIG);
     let mut clock = Clock::new(config);
     let (reason, packet) = match parse::parse(&ctx) {
-        Ok(packet) => (classify(&ctx, &packet, config, &mut clock), Some(packet)),
+        Ok(packet) => (classify(&ctx, &packet, &mut clock), Some(packet)),
         Err(ParseError::NotIp) => (Reason::PassNotIp, None),
         Err(ParseError::Malformed) => (Reason::PassMalformed, None),
     };
@@ -100,9 +72,9 @@ pub fn aqd_floor(_ctx: XdpContext) -> u32 {
     Verdict::Pass.xdp_action()
 }
 
-/// The verdict for a parsed packet. Emits the connection event for accepted SYNs to protected ports.
+/// The verdict for a parsed packet. TCP packets to protected ports continue in `aqd_tcp` (no return here).
 #[inline(always)]
-fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Clock) -> Reason {
+fn classify(ctx: &XdpContext, packet: &Packet, clock: &mut Clock) -> Reason {
     let src = &packet.flow.src;
     if list_hit_exact(&ALLOW_EXACT, src, clock) {
         return Reason::PassAllowExact;
@@ -153,14 +125,33 @@ fn classify(ctx: &XdpContext, packet: &Packet, config: &Config, clock: &mut Cloc
     if !is_protected {
         return pass_reason;
     }
+    if packet.flow.proto == IPPROTO_TCP && packet.tcp_full {
+        hand_off_tcp(ctx, packet, pass_reason, rate_class);
+        // Only reached when the tail call failed (the table entry is missing): limits still apply below.
+    }
     let is_syn = packet.flow.proto == IPPROTO_TCP && packet.tcp_syn && !packet.tcp_ack;
     if let Some(drop) = track_source(ctx, src, rate_class, is_syn, clock) {
         return drop;
     }
-    if is_syn && config.flags & CONFIG_FLAG_CONN_EVENTS != 0 {
-        emit_conn(ctx, &packet.flow, clock);
-    }
     pass_reason
+}
+
+/// Writes what `aqd_tcp` needs into the per-CPU scratch and tail-calls it; returns only if the call failed.
+#[inline(always)]
+fn hand_off_tcp(ctx: &XdpContext, packet: &Packet, pass_reason: Reason, rate_class: u32) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map memory from a successful lookup; nothing else runs on this CPU meanwhile.
+    unsafe {
+        (*scratch).flow = packet.flow;
+        (*scratch).l3_offset = packet.l3_offset;
+        (*scratch).l4_offset = packet.l4_offset;
+        (*scratch).pass_reason = pass_reason as u8;
+        (*scratch).rate_class = rate_class as u8;
+        (*scratch).ip_version = packet.ip_version;
+        PROGRAMS.tail_call(ctx, PROG_INDEX_TCP);
+    }
 }
 
 /// Whether `key` has a live (unexpired) entry in an exact-address list; bumps its hit count.
@@ -212,280 +203,6 @@ fn hit_if_live(entry: *mut ListEntry, clock: &mut Clock) -> bool {
     }
     entry.hits = entry.hits.wrapping_add(1);
     true
-}
-
-/// Action and rate class of the decision for `key`, if there is one and it has not expired; bumps its hits.
-#[inline(always)]
-fn live_decision(map: &HashMap<AddrKey, Decision>, key: &AddrKey, clock: &mut Clock) -> Option<(u8, u8)> {
-    let ptr = map.get_ptr_mut(key)?;
-    // SAFETY: `ptr` points into map memory returned by a successful lookup.
-    let decision = unsafe { &mut *ptr };
-    if decision.expires_ns != 0 && decision.expires_ns <= clock.now() {
-        return None;
-    }
-    decision.hits = decision.hits.wrapping_add(1);
-    Some((decision.action, decision.rate_class))
-}
-
-/// Counts the packet in its source's state and applies the source's rate class; returns the drop reason when
-/// over a limit.
-///
-/// GCRA ("virtual scheduling"): each limit keeps the theoretical arrival time (TAT) of the next packet; a packet
-/// conforms when it arrives no earlier than TAT minus the burst tolerance. No division, one u64 per limit.
-/// The state is read-modify-written without atomics: two CPUs racing on one source may admit one extra packet.
-#[inline(always)]
-fn track_source(
-    ctx: &XdpContext,
-    src: &AddrKey,
-    class: u32,
-    is_syn: bool,
-    clock: &mut Clock,
-) -> Option<Reason> {
-    let state = match SOURCES.get_ptr_mut(src) {
-        Some(s) => s,
-        None => {
-            // A new source starts with a full burst allowance: a TAT of 0 is "any time before now".
-            let fresh = SourceState::default();
-            if let Err(errno) = SOURCES.insert(src, fresh, 0) {
-                // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once.
-                warn!(ctx, "cannot track a new source (errno {})", errno);
-                return None;
-            }
-            SOURCES.get_ptr_mut(src)?
-        }
-    };
-    // SAFETY: `state` points into map memory returned by a successful lookup.
-    let state = unsafe { &mut *state };
-    state.packets += 1;
-    state.bytes += (ctx.data_end() - ctx.data()) as u64;
-    state.last_seen_ns = clock.coarse();
-    if is_syn {
-        state.conns += 1;
-    }
-    let verdict = rate_limit(&mut state.bucket, class, is_syn, clock);
-    if verdict.is_some() {
-        state.rate_drops += 1;
-    }
-    verdict
-}
-
-/// The GCRA limits of `class` applied to one source's bucket.
-#[inline(always)]
-fn rate_limit(bucket: &mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
-    let limits = RATE_CLASSES.get(class)?;
-    if limits.packet_interval_ns == 0 && (!is_syn || limits.conn_interval_ns == 0) {
-        return None;
-    }
-    // The precise clock only when a limit applies: GCRA needs ns; nothing else on this path does.
-    let now = clock.now();
-    let mut packet_tat = bucket.packet_tat_ns;
-    if limits.packet_interval_ns != 0 {
-        match gcra(
-            packet_tat,
-            now,
-            limits.packet_interval_ns,
-            limits.packet_tolerance_ns,
-        ) {
-            Some(t) => packet_tat = t,
-            None => return Some(Reason::DropRatePackets),
-        }
-    }
-    let mut conn_tat = bucket.conn_tat_ns;
-    if is_syn && limits.conn_interval_ns != 0 {
-        match gcra(conn_tat, now, limits.conn_interval_ns, limits.conn_tolerance_ns) {
-            Some(t) => conn_tat = t,
-            None => return Some(Reason::DropRateConnections),
-        }
-    }
-    bucket.packet_tat_ns = packet_tat;
-    bucket.conn_tat_ns = conn_tat;
-    None
-}
-
-/// One GCRA step: the new TAT if a packet arriving at `now` conforms, `None` if it is over the limit.
-#[inline(always)]
-fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
-    let tat = if tat > now { tat } else { now };
-    if tat - now > tolerance {
-        None
-    } else {
-        Some(tat + interval)
-    }
-}
-
-/// Counts the packet under its reason and samples drops to the ring buffer.
-#[inline(always)]
-fn account(ctx: &XdpContext, reason: Reason, flow: Option<&FlowTuple>, config: &Config, clock: &mut Clock) {
-    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-    let counters = unsafe { &mut *counters };
-    if let Some(c) = counters.by_reason.get_mut(reason as usize) {
-        *c += 1;
-    }
-    if reason.verdict() != Verdict::Drop || config.drop_sample_every == 0 {
-        return;
-    }
-    counters.drop_sample_tick += 1;
-    if counters.drop_sample_tick % config.drop_sample_every as u64 != 0 {
-        return;
-    }
-    let kind = EventKind::Drop as usize;
-    match EVENTS.reserve::<DropEvent>(0) {
-        Some(mut slot) => {
-            // Filled in place: building the record on the stack first would cost BPF stack space.
-            let event = slot.as_mut_ptr();
-            // SAFETY: `event` is the reserved, exclusively owned ring-buffer slot of a DropEvent's size.
-            unsafe {
-                fill_header(
-                    &raw mut (*event).header,
-                    ctx,
-                    EventKind::Drop,
-                    size_of::<DropEvent>(),
-                    clock,
-                );
-                match flow {
-                    Some(f) => (*event).flow = *f,
-                    None => (*event).flow = FlowTuple::default(),
-                }
-                (*event).reason = reason as u32;
-                (*event).frame_len = (ctx.data_end() - ctx.data()) as u32;
-            }
-            slot.submit(wakeup_flag());
-            bump(&mut counters.events_sent, kind);
-        }
-        None => bump(&mut counters.events_lost, kind),
-    }
-}
-
-/// Written out like the drop sample above rather than through one generic emitter: the generic version (a
-/// closure filling the slot) compiled to more than the 512-byte BPF stack (this program uses 464).
-#[inline(always)]
-fn emit_conn(ctx: &XdpContext, flow: &FlowTuple, clock: &mut Clock) {
-    let kind = EventKind::Conn as usize;
-    let sent = match EVENTS.reserve::<ConnEvent>(0) {
-        Some(mut slot) => {
-            let event = slot.as_mut_ptr();
-            // SAFETY: `event` is the reserved, exclusively owned ring-buffer slot of a ConnEvent's size.
-            unsafe {
-                fill_header(
-                    &raw mut (*event).header,
-                    ctx,
-                    EventKind::Conn,
-                    size_of::<ConnEvent>(),
-                    clock,
-                );
-                (*event).flow = *flow;
-            }
-            slot.submit(wakeup_flag());
-            true
-        }
-        None => false,
-    };
-    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-        let counters = unsafe { &mut *counters };
-        bump(
-            if sent {
-                &mut counters.events_sent
-            } else {
-                &mut counters.events_lost
-            },
-            kind,
-        );
-    }
-}
-
-/// Ring-buffer wake-ups are batched: a wake-up (an interrupt to the reader, expensive in VMs) only once an
-/// eighth of the ring is waiting; the daemon also drains the ring on a short timer, so events still arrive
-/// within milliseconds at low rates.
-#[inline(always)]
-fn wakeup_flag() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= (capacity::EVENTS_BYTES / 8) as u64 {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
-}
-
-#[inline(always)]
-fn bump<const N: usize>(counters: &mut [u64; N], index: usize) {
-    if let Some(c) = counters.get_mut(index) {
-        *c += 1;
-    }
-}
-
-/// # Safety
-/// `header` must point to writable memory for an `EventHeader` (a reserved ring-buffer slot).
-#[inline(always)]
-unsafe fn fill_header(
-    header: *mut EventHeader,
-    ctx: &XdpContext,
-    kind: EventKind,
-    len: usize,
-    clock: &mut Clock,
-) {
-    // SAFETY: `ctx.ctx` is the xdp_md the kernel passed in; `header` is valid per the caller's contract.
-    unsafe {
-        (*header).kind = kind as u16;
-        (*header).len = len as u16;
-        (*header).ifindex = (*ctx.ctx).ingress_ifindex;
-        (*header).time_ns = clock.now();
-    }
-}
-
-/// "Now", read at most once per packet and only when something needs it. Two resolutions: the precise clock
-/// (`bpf_ktime_get_ns`, costly in VMs) for rate limits and event timestamps; the coarse one (same
-/// CLOCK_MONOTONIC base, tick resolution, a memory read) for expiries and last-seen times.
-struct Clock {
-    now: u64,
-    coarse: u64,
-    test_now: u64,
-}
-
-impl Clock {
-    #[inline(always)]
-    fn new(config: &Config) -> Self {
-        Self {
-            now: 0,
-            coarse: 0,
-            test_now: config.test_now_ns,
-        }
-    }
-
-    #[inline(always)]
-    fn test_clock() -> bool {
-        // SAFETY: a read-only global; volatile so the load is not folded at compile time.
-        unsafe { core::ptr::read_volatile(&AQD_TEST_CLOCK) != 0 }
-    }
-
-    #[inline(always)]
-    fn now(&mut self) -> u64 {
-        if self.now == 0 {
-            self.now = if Self::test_clock() {
-                self.test_now
-            } else {
-                unsafe { bpf_ktime_get_ns() }
-            };
-        }
-        self.now
-    }
-
-    #[inline(always)]
-    fn coarse(&mut self) -> u64 {
-        if self.now != 0 {
-            return self.now;
-        }
-        if self.coarse == 0 {
-            self.coarse = if Self::test_clock() {
-                self.test_now
-            } else {
-                unsafe { bpf_ktime_get_coarse_ns() }
-            };
-        }
-        self.coarse
-    }
 }
 
 #[cfg(not(test))]

@@ -44,6 +44,12 @@ pub struct Packet {
     pub has_ports: bool,
     pub tcp_syn: bool,
     pub tcp_ack: bool,
+    /// The whole 20-byte TCP header is in the frame (the TCP program reads it).
+    pub tcp_full: bool,
+    /// Frame offsets of the IP and transport headers.
+    pub l3_offset: u16,
+    pub l4_offset: u16,
+    pub ip_version: u8,
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
@@ -61,13 +67,13 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // SAFETY: `ptr_at` checked that the whole `T` lies inside the frame; unaligned because frames are.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
 }
 
@@ -118,6 +124,10 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         has_ports: false,
         tcp_syn: false,
         tcp_ack: false,
+        tcp_full: false,
+        l3_offset: offset as u16,
+        l4_offset: (offset + header_len) as u16,
+        ip_version: 4,
     };
     // Only the first fragment carries the transport header.
     if fragment_offset == 0 {
@@ -136,6 +146,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     if vtc >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
+    let l3_offset = offset;
     let mut offset = offset + 40;
     let mut transport_found = false;
     let mut first_fragment = true;
@@ -196,6 +207,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         has_ports: false,
         tcp_syn: false,
         tcp_ack: false,
+        tcp_full: false,
+        l3_offset: l3_offset as u16,
+        l4_offset: offset as u16,
+        ip_version: 6,
     };
     if transport_found && first_fragment {
         parse_l4(ctx, offset, &mut packet);
@@ -225,6 +240,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) {
                 }
                 None => packet.tcp_syn = true,
             }
+            packet.tcp_full = ptr_at::<[u8; 20]>(ctx, offset).is_some();
         }
         IPPROTO_UDP => {
             let Some(udp) = read::<[u8; 8]>(ctx, offset) else {

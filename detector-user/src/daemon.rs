@@ -17,8 +17,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::RingBuf;
 use detector_common::{
-    Action, CONFIG_FLAG_CONN_EVENTS, Config as ProgramConfig, Origin, Reason, Verdict, event::EventKind,
-    map_names,
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS,
+    Config as ProgramConfig, Origin, Reason, Verdict, event::EventKind, map_names,
 };
 use ipnet::IpNet;
 use serde_json::{Value, json};
@@ -279,15 +279,15 @@ fn save_config_entries(path: &std::path::Path, entries: &BTreeSet<(bool, IpNet)>
 }
 
 fn record_event(stats: &EventStats, event: &Event) {
+    stats.read[event.kind() as usize].fetch_add(1, Ordering::Relaxed);
     match event {
         Event::Conn { flow, .. } => {
-            stats.read[EventKind::Conn as usize].fetch_add(1, Ordering::Relaxed);
             tracing::trace!(src = %flow.src, sport = flow.src_port, dport = flow.dst_port, "new connection");
         }
         Event::Drop { flow, reason, .. } => {
-            stats.read[EventKind::Drop as usize].fetch_add(1, Ordering::Relaxed);
             tracing::debug!(src = %flow.src, reason = reason.map(|r| r.name()), "drop sample");
         }
+        _ => {}
     }
 }
 
@@ -356,8 +356,9 @@ impl DaemonState {
         }
         maps.set_config(ProgramConfig {
             drop_sample_every: config.drop_sample_every,
-            flags: CONFIG_FLAG_CONN_EVENTS,
+            flags: CONFIG_FLAG_CONN_EVENTS | CONFIG_FLAG_CAPTURE | CONFIG_FLAG_REQUEST_EVENTS,
             test_now_ns: 0,
+            request_gap_ns: 0,
         })?;
         let removed: Vec<(bool, IpNet)> = self.config_entries.difference(&wanted).copied().collect();
         let added: Vec<(bool, IpNet)> = wanted.difference(&self.config_entries).copied().collect();

@@ -6,7 +6,9 @@
 use std::net::IpAddr;
 
 use aya::maps::{MapData, RingBuf};
-use detector_common::{ConnEvent, DropEvent, EventHeader, EventKind, FlowTuple, Reason};
+use detector_common::{
+    ConnEvent, DropEvent, EventHeader, EventKind, FlowEvent, FlowTuple, PayloadEvent, Reason, SynSignature,
+};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
@@ -48,10 +50,48 @@ impl From<&FlowTuple> for Flow {
     }
 }
 
+/// A request or a flow's end (see `detector_common::FlowEvent` for what the fields mean for each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowActivity {
+    pub time_ns: u64,
+    pub flow: Flow,
+    pub syn_key: u64,
+    pub hello_key: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub bytes: u64,
+    pub response_bytes: u64,
+    pub packets: u32,
+    pub requests: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A new TCP connection to a protected port.
-    Conn { time_ns: u64, ifindex: u32, flow: Flow },
+    /// A SYN to a protected port, with its signature.
+    Conn {
+        time_ns: u64,
+        ifindex: u32,
+        flow: Flow,
+        syn: SynSignature,
+        syn_key: u64,
+        /// The fingerprint verdict's action code that applied (0 = none).
+        action: u8,
+        dropped: bool,
+        isn: u32,
+    },
+    /// Client bytes from the start of a flow.
+    Payload {
+        time_ns: u64,
+        flow: Flow,
+        stream_offset: u32,
+        segment_len: u16,
+        hello_key: u64,
+        hello_status: u8,
+        action: u8,
+        data: Vec<u8>,
+    },
+    Request(FlowActivity),
+    FlowEnd(FlowActivity),
     /// A sampled drop.
     Drop {
         time_ns: u64,
@@ -60,6 +100,18 @@ pub enum Event {
         reason: Option<Reason>,
         frame_len: u32,
     },
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::Conn { .. } => EventKind::Conn,
+            Self::Drop { .. } => EventKind::Drop,
+            Self::Payload { .. } => EventKind::Payload,
+            Self::Request(_) => EventKind::Request,
+            Self::FlowEnd(_) => EventKind::FlowEnd,
+        }
+    }
 }
 
 /// Reads a `T` from the start of `bytes` if it is long enough. Ring-buffer records are 8-byte aligned, but
@@ -86,6 +138,45 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 time_ns: e.header.time_ns,
                 ifindex: e.header.ifindex,
                 flow: Flow::from(&e.flow),
+                syn: e.syn,
+                syn_key: e.syn_key,
+                action: e.action,
+                dropped: e.dropped != 0,
+                isn: e.isn,
+            })
+        }
+        EventKind::Payload => {
+            let e: PayloadEvent = read(bytes).ok_or_else(|| short(size_of::<PayloadEvent>()))?;
+            let len = (e.len as usize).min(e.data.len());
+            Ok(Event::Payload {
+                time_ns: e.header.time_ns,
+                flow: Flow::from(&e.flow),
+                stream_offset: e.stream_offset,
+                segment_len: e.segment_len,
+                hello_key: e.hello_key,
+                hello_status: e.hello_status,
+                action: e.action,
+                data: e.data[..len].to_vec(),
+            })
+        }
+        EventKind::Request | EventKind::FlowEnd => {
+            let e: FlowEvent = read(bytes).ok_or_else(|| short(size_of::<FlowEvent>()))?;
+            let activity = FlowActivity {
+                time_ns: e.header.time_ns,
+                flow: Flow::from(&e.flow),
+                syn_key: e.syn_key,
+                hello_key: e.hello_key,
+                start_ns: e.start_ns,
+                end_ns: e.end_ns,
+                bytes: e.bytes,
+                response_bytes: e.response_bytes,
+                packets: e.packets,
+                requests: e.requests,
+            };
+            Ok(if kind == EventKind::Request {
+                Event::Request(activity)
+            } else {
+                Event::FlowEnd(activity)
             })
         }
         EventKind::Drop => {

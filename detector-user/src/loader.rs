@@ -10,8 +10,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, maps::MapInfo, programs::Xdp};
-use detector_common::{PROGRAM_NAME, TEST_CLOCK_GLOBAL, map_names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapInfo, ProgramArray},
+    programs::Xdp,
+};
+use detector_common::{
+    HELLO_PROGRAM_NAME, PROG_INDEX_HELLO, PROG_INDEX_TCP, PROGRAM_NAME, TCP_PROGRAM_NAME, TEST_CLOCK_GLOBAL,
+    map_names,
+};
 use thiserror::Error;
 
 use crate::paths;
@@ -55,8 +62,12 @@ pub enum LoadError {
     },
     #[error("loading the XDP program failed: {0}")]
     Ebpf(#[from] aya::EbpfError),
-    #[error("the XDP program {PROGRAM_NAME} is missing from the object")]
-    MissingProgram,
+    #[error("the XDP program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("cannot duplicate a program's file descriptor: {0}")]
+    ProgramFd(io::Error),
+    #[error("cannot fill the tail-call table: {0}")]
+    TailCalls(#[from] aya::maps::MapError),
     #[error("XDP program error: {0}")]
     Program(#[from] aya::programs::ProgramError),
 }
@@ -91,13 +102,34 @@ pub fn load(options: &LoadOptions) -> Result<Ebpf, LoadError> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(PROGRAM_OBJECT)?;
+    // The tail-called programs first: the table points at them before the entry program can run.
+    for (name, index) in [
+        (TCP_PROGRAM_NAME, PROG_INDEX_TCP),
+        (HELLO_PROGRAM_NAME, PROG_INDEX_HELLO),
+    ] {
+        named_program_mut(&mut ebpf, name)?.load()?;
+        let fd = named_program_mut(&mut ebpf, name)?
+            .fd()?
+            .try_clone()
+            .map_err(LoadError::ProgramFd)?;
+        let table = ebpf
+            .map_mut(map_names::PROGRAMS)
+            .ok_or(LoadError::MissingProgram(map_names::PROGRAMS))?;
+        // A pinned table keeps its entries while no daemon runs; a new daemon swaps in its own programs.
+        ProgramArray::try_from(table)?.set(index, &fd, 0)?;
+    }
     program_mut(&mut ebpf)?.load()?;
     Ok(ebpf)
 }
 
 /// The XDP program inside a loaded [`Ebpf`].
 pub fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    let program = ebpf.program_mut(PROGRAM_NAME).ok_or(LoadError::MissingProgram)?;
+    named_program_mut(ebpf, PROGRAM_NAME)
+}
+
+/// A program of the object by name.
+pub fn named_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     Ok(program.try_into()?)
 }
 

@@ -25,3 +25,26 @@ fn unknown_source_passes_and_blocked_source_drops() {
     let out = k.classify(&frame).unwrap();
     assert_eq!((out.action, out.reason), (XDP_DROP, Reason::DropBlockExact));
 }
+
+/// Prints what the verifier did with each program (instructions processed, load time): not a timing test —
+/// it fails only if a program does not load.
+#[test]
+fn verifier_cost_per_program() {
+    let started = std::time::Instant::now();
+    let mut ebpf = detector_user::loader::load(&detector_user::loader::LoadOptions::default()).unwrap();
+    let load_time = started.elapsed();
+    for name in [
+        detector_common::PROGRAM_NAME,
+        detector_common::TCP_PROGRAM_NAME,
+        detector_common::HELLO_PROGRAM_NAME,
+    ] {
+        let program = detector_user::loader::named_program_mut(&mut ebpf, name).unwrap();
+        let info = program.info().unwrap();
+        println!(
+            "{name}: {} instructions, verifier processed {:?}",
+            info.size_translated().unwrap_or(0) / 8,
+            info.verified_instruction_count()
+        );
+    }
+    println!("load of all programs: {load_time:?}");
+}

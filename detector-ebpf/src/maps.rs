@@ -1,0 +1,69 @@
+//! Every map of the object, shared by the XDP programs (one definition each; pinned by userspace by name).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+};
+use detector_common::{
+    AddrKey, Config, Counters, Decision, FlowState, FlowTuple, ListEntry, RateClass, ReasonText, Scratch,
+    SourceState, capacity,
+};
+
+#[map(name = "ALLOW_EXACT")]
+pub static ALLOW_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::ALLOW_EXACT, 0);
+#[map(name = "ALLOW_PREFIX")]
+pub static ALLOW_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::ALLOW_PREFIX, 0);
+#[map(name = "DENY_EXACT")]
+pub static DENY_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::DENY_EXACT, 0);
+#[map(name = "DENY_PREFIX")]
+pub static DENY_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::DENY_PREFIX, 0);
+#[map(name = "DECISION_EXACT")]
+pub static DECISION_EXACT: HashMap<AddrKey, Decision> =
+    HashMap::with_max_entries(capacity::DECISION_EXACT, 0);
+#[map(name = "DECISION_PREFIX")]
+pub static DECISION_PREFIX: HashMap<AddrKey, Decision> =
+    HashMap::with_max_entries(capacity::DECISION_PREFIX, 0);
+#[map(name = "SOURCES")]
+pub static SOURCES: LruHashMap<AddrKey, SourceState> = LruHashMap::with_max_entries(capacity::SOURCES, 0);
+#[map(name = "RATE_CLASSES")]
+pub static RATE_CLASSES: Array<RateClass> = Array::with_max_entries(capacity::RATE_CLASSES, 0);
+/// Non-zero at index `port` when `port` (TCP or UDP destination) is a protected service port.
+#[map(name = "PROTECTED_PORTS")]
+pub static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(capacity::PROTECTED_PORTS, 0);
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+/// Decision reason texts, for userspace only (see `detector_common::ReasonText`); pinned with the decisions.
+#[map(name = "REASONS")]
+pub static REASONS: Array<ReasonText> = Array::with_max_entries(capacity::REASONS, 0);
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Verdicts by SYN signature key.
+#[map(name = "SYN_VERDICTS")]
+pub static SYN_VERDICTS: HashMap<u64, Decision> = HashMap::with_max_entries(capacity::SYN_VERDICTS, 0);
+/// Verdicts by kernel ClientHello key.
+#[map(name = "HELLO_VERDICTS")]
+pub static HELLO_VERDICTS: HashMap<u64, Decision> = HashMap::with_max_entries(capacity::HELLO_VERDICTS, 0);
+/// TCP connections to protected ports, from their SYN.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowTuple, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+/// Tail-call table (filled by the loader): `aqd_tcp`, `aqd_hello`.
+#[map(name = "PROGRAMS")]
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(capacity::PROGRAMS, 0);
+/// Per-CPU hand-off between the programs of one packet, and their work space.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set to 1 at load time (`detector_common::TEST_CLOCK_GLOBAL`) to take "now" from `Config::test_now_ns`.
+/// Read-only: the verifier sees the constant and prunes the branch not taken.
+#[unsafe(no_mangle)]
+pub static AQD_TEST_CLOCK: u8 = 0;
+
+pub static DEFAULT_CONFIG: Config = Config {
+    drop_sample_every: 0,
+    flags: 0,
+    test_now_ns: 0,
+    request_gap_ns: 0,
+};

@@ -1,0 +1,596 @@
+//! `aqd_tcp`: TCP packets to protected ports, tail-called by `aqd_xdp` after the address rules passed them.
+//!
+//! ```text
+//! SYN     → p0f signature (options walked in a bounded loop) → SYN_VERDICTS → source limits
+//!           → connection event (with the signature) → a FLOWS entry
+//! other   → FLOWS: a flow blocked by its fingerprint → DROP; throttled → its rate class → source limits
+//!           → request tracking (bursts of client payload) → first client bytes to userspace (the first
+//!             payload segment goes through `aqd_hello`, which keys the ClientHello) → FIN/RST: flow end
+//! ```
+//! The packet is counted here (one reason, as in `aqd_xdp`): a tail call does not return.
+
+use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, macros::xdp, programs::XdpContext};
+use core::mem::size_of;
+use detector_common::{
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, ConnEvent,
+    EventKind, FlowEvent, FlowState, PROG_INDEX_HELLO, Reason, Scratch, Verdict, capacity,
+    flow::{CAPTURE_BYTES, DEFAULT_REQUEST_GAP_NS, HELLO_BUF, flow_flag},
+    syn::{SYN_MAX_OPTIONS, option_kind, quirk},
+};
+
+use crate::{
+    account::{account, bump, fill_header, wakeup_flag},
+    capture::emit_payload,
+    clock::Clock,
+    limits::{live_decision, track_source},
+    maps::{CONFIG, COUNTERS, DEFAULT_CONFIG, EVENTS, FLOWS, PROGRAMS, SCRATCH, SYN_VERDICTS},
+    parse::read,
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+/// The TCP options area is at most 40 bytes.
+const MAX_OPTION_BYTES: usize = 40;
+/// Options walked at most (real stacks send 4–10); more is a `bad` quirk. Userspace applies the same limit
+/// (`detector_common::syn::SYN_MAX_OPTIONS_WALKED`).
+const MAX_OPTIONS_WALKED: usize = detector_common::syn::SYN_MAX_OPTIONS_WALKED;
+const BUF_MASK: usize = HELLO_BUF - 1;
+
+#[xdp]
+pub fn aqd_tcp(ctx: XdpContext) -> u32 {
+    let config = CONFIG.get(0).unwrap_or(&DEFAULT_CONFIG);
+    let mut clock = Clock::new(config);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Verdict::Pass.xdp_action();
+    };
+    // SAFETY: per-CPU map memory from a successful lookup; `aqd_xdp` filled it for this packet.
+    let scratch = unsafe { &mut *scratch };
+    let reason = handle(&ctx, scratch, config, &mut clock);
+    account(&ctx, reason, Some(&scratch.flow), config, &mut clock);
+    reason.verdict().xdp_action()
+}
+
+#[inline(always)]
+fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut Clock) -> Reason {
+    let pass = Reason::from_u32(scratch.pass_reason as u32).unwrap_or(Reason::PassDefault);
+    // `aqd_xdp` only hands over packets with the whole header in the frame.
+    let Some(tcp) = read::<[u8; 20]>(ctx, scratch.l4_offset as usize) else {
+        return pass;
+    };
+    if tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        syn(ctx, scratch, &tcp, pass, config, clock)
+    } else {
+        established(ctx, scratch, &tcp, pass, config, clock)
+    }
+}
+
+/// The reason a passing packet counts under once a throttle applies (a monitor or default pass is upgraded).
+#[inline(always)]
+fn throttled(pass: Reason) -> Reason {
+    match pass {
+        Reason::PassDefault | Reason::PassMonitor => Reason::PassThrottled,
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn syn(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    tcp: &[u8; 20],
+    pass: Reason,
+    config: &Config,
+    clock: &mut Clock,
+) -> Reason {
+    signature(ctx, scratch, tcp);
+    let key = scratch.syn.key();
+    let mut class = scratch.rate_class as u32;
+    let mut reason = pass;
+    let mut action = 0u8;
+    if let Some((verdict, verdict_class)) = live_decision(&SYN_VERDICTS, &key, clock) {
+        action = verdict;
+        match Action::from_u8(verdict) {
+            Some(Action::Block) => reason = Reason::DropSynFingerprint,
+            Some(Action::Throttle) => {
+                // A throttle on the source itself keeps its own class.
+                if class == 0 {
+                    class = verdict_class as u32;
+                }
+                reason = throttled(reason);
+            }
+            Some(Action::Monitor) if reason == Reason::PassDefault => reason = Reason::PassMonitor,
+            _ => {}
+        }
+    }
+    if reason.verdict() == Verdict::Pass {
+        if let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, clock) {
+            reason = drop;
+        }
+    }
+    let isn = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let dropped = reason.verdict() == Verdict::Drop;
+    if config.flags & CONFIG_FLAG_CONN_EVENTS != 0 {
+        emit_conn(ctx, scratch, key, action, dropped, isn, clock);
+    }
+    if !dropped {
+        let now = clock.coarse();
+        let throttle = action == Action::Throttle as u8;
+        let state = FlowState {
+            syn_key: key,
+            isn,
+            first_seen_ns: now,
+            last_seen_ns: now,
+            action: if throttle { action } else { 0 },
+            rate_class: if throttle { class as u8 } else { 0 },
+            ..FlowState::default()
+        };
+        // An LRU map evicts rather than fails; a SYN retransmission starts the flow afresh.
+        let _ = FLOWS.insert(&scratch.flow, &state, 0);
+    }
+    reason
+}
+
+/// Fills `scratch.syn` from the SYN's IP and TCP headers. The userspace twin is
+/// `detector-user/src/fingerprint/syn.rs` (offline pcaps); both must read a SYN the same way.
+#[inline(always)]
+fn signature(ctx: &XdpContext, scratch: &mut Scratch, tcp: &[u8; 20]) {
+    let l3 = scratch.l3_offset as usize;
+    let l4 = scratch.l4_offset as usize;
+    let frame_len = ctx.data_end() - ctx.data();
+    let sig = &mut scratch.syn;
+    *sig = Default::default();
+    let ip_end = if scratch.ip_version == 4 {
+        let Some(h) = read::<[u8; 20]>(ctx, l3) else {
+            return;
+        };
+        sig.ip_version = 4;
+        sig.ttl = h[8];
+        sig.ip_opts_len = ((h[0] & 0x0f) * 4).saturating_sub(20);
+        let frag = u16::from_be_bytes([h[6], h[7]]);
+        let id = u16::from_be_bytes([h[4], h[5]]);
+        if frag & 0x4000 != 0 {
+            sig.quirks |= quirk::DF;
+            if id != 0 {
+                sig.quirks |= quirk::ID_PLUS;
+            }
+        } else if id == 0 {
+            sig.quirks |= quirk::ID_MINUS;
+        }
+        if frag & 0x8000 != 0 {
+            sig.quirks |= quirk::ZERO_PLUS;
+        }
+        if h[1] & 0x03 != 0 {
+            sig.quirks |= quirk::ECN;
+        }
+        l3 + u16::from_be_bytes([h[2], h[3]]) as usize
+    } else {
+        let Some(h) = read::<[u8; 8]>(ctx, l3) else {
+            return;
+        };
+        sig.ip_version = 6;
+        sig.ttl = h[7];
+        if ((h[0] << 4) | (h[1] >> 4)) & 0x03 != 0 {
+            sig.quirks |= quirk::ECN;
+        }
+        if (h[1] & 0x0f) != 0 || h[2] != 0 || h[3] != 0 {
+            sig.quirks |= quirk::FLOW;
+        }
+        l3 + 40 + u16::from_be_bytes([h[4], h[5]]) as usize
+    };
+    let ip_end = if ip_end < frame_len { ip_end } else { frame_len };
+
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let flags = tcp[13];
+    sig.window = u16::from_be_bytes([tcp[14], tcp[15]]);
+    let urgent = u16::from_be_bytes([tcp[18], tcp[19]]);
+    if seq == 0 {
+        sig.quirks |= quirk::SEQ_MINUS;
+    }
+    if flags & TCP_ACK == 0 && ack != 0 {
+        sig.quirks |= quirk::ACK_PLUS;
+    }
+    if flags & TCP_ACK != 0 && ack == 0 {
+        sig.quirks |= quirk::ACK_MINUS;
+    }
+    if flags & TCP_URG != 0 {
+        sig.quirks |= quirk::URGF_PLUS;
+    } else if urgent != 0 {
+        sig.quirks |= quirk::UPTR_PLUS;
+    }
+    if flags & TCP_PSH != 0 {
+        sig.quirks |= quirk::PUSHF_PLUS;
+    }
+    if flags & 0xc0 != 0 {
+        sig.quirks |= quirk::ECN;
+    }
+    let data_offset = (tcp[12] >> 4) as usize * 4;
+    let header_len = if data_offset < 20 { 20 } else { data_offset };
+    if ip_end > l4 + header_len {
+        sig.payload = 1;
+    }
+    options(ctx, scratch, l4, header_len, frame_len);
+}
+
+/// Walks the TCP options into `scratch.syn`: copied into the scratch buffer first (one helper call), so the
+/// walk reads map memory at masked offsets instead of bounds-checking packet reads at variable offsets.
+#[inline(always)]
+fn options(ctx: &XdpContext, scratch: &mut Scratch, l4: usize, header_len: usize, frame_len: usize) {
+    let options_end = header_len - 20;
+    if options_end == 0 {
+        return;
+    }
+    // Bytes of the options area actually in the frame; reading past them is a `bad` quirk, as in userspace.
+    let start = l4 + 20;
+    let present = frame_len.saturating_sub(start);
+    let avail = if present < options_end {
+        present
+    } else {
+        options_end
+    };
+    if avail > 0 && avail <= MAX_OPTION_BYTES {
+        // Written so the verifier sees a length in 1..=64 (LLVM folds a plain `avail` check into a form it
+        // cannot follow, and without `black_box` folds this back to `avail`); `avail` is 1..=40, so it is.
+        let len = ((core::hint::black_box(avail as u32) - 1) & 0x3f) + 1;
+        // SAFETY: `hello` is map memory of HELLO_BUF ≥ 64 bytes; the helper bounds-checks the packet side.
+        let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, start as u32, scratch.hello.as_mut_ptr().cast(), len) };
+        if rc != 0 {
+            scratch.syn.quirks |= quirk::BAD;
+            return;
+        }
+    }
+    let buf = &scratch.hello;
+    let sig = &mut scratch.syn;
+    let byte = |i: usize| buf[i & BUF_MASK];
+    let mut o = 0usize;
+    let mut eol_at = usize::MAX;
+    for step in 0..=MAX_OPTIONS_WALKED {
+        if o >= options_end {
+            break;
+        }
+        if step == MAX_OPTIONS_WALKED {
+            // More options than any real stack sends (padding by NOPs): stop, as userspace does.
+            sig.quirks |= quirk::BAD;
+            break;
+        }
+        if o >= avail {
+            sig.quirks |= quirk::BAD;
+            break;
+        }
+        let kind = byte(o);
+        let count = sig.option_count as usize;
+        if count < SYN_MAX_OPTIONS {
+            sig.options[count & (SYN_MAX_OPTIONS - 1)] = kind;
+            sig.option_count += 1;
+        }
+        if kind == option_kind::EOL {
+            eol_at = o;
+            break;
+        }
+        if kind == option_kind::NOP {
+            o += 1;
+            continue;
+        }
+        if o + 1 >= avail {
+            sig.quirks |= quirk::BAD;
+            break;
+        }
+        let len = byte(o + 1) as usize;
+        if len < 2 || o + len > options_end {
+            sig.quirks |= quirk::BAD;
+            break;
+        }
+        match (kind, len) {
+            (option_kind::MSS, 4) => {
+                if o + 3 < avail {
+                    sig.mss = u16::from_be_bytes([byte(o + 2), byte(o + 3)]);
+                }
+            }
+            (option_kind::WS, 3) => {
+                if o + 2 < avail {
+                    let v = byte(o + 2);
+                    sig.wscale = v;
+                    if v > 14 {
+                        sig.quirks |= quirk::EXWS;
+                    }
+                }
+            }
+            (option_kind::TIMESTAMP, 10) => {
+                if o + 10 <= avail {
+                    if byte(o + 2) | byte(o + 3) | byte(o + 4) | byte(o + 5) == 0 {
+                        sig.quirks |= quirk::TS1_MINUS;
+                    }
+                    if byte(o + 6) | byte(o + 7) | byte(o + 8) | byte(o + 9) != 0 {
+                        sig.quirks |= quirk::TS2_PLUS;
+                    }
+                }
+            }
+            (option_kind::MSS | option_kind::WS | option_kind::TIMESTAMP, _) => sig.quirks |= quirk::BAD,
+            _ => {}
+        }
+        o += len;
+    }
+    if eol_at < options_end {
+        sig.eol_pad = (options_end - eol_at - 1) as u8;
+        let mut i = eol_at + 1;
+        for _ in 0..MAX_OPTION_BYTES {
+            if i >= options_end || i >= avail {
+                break;
+            }
+            if byte(i) != 0 {
+                sig.quirks |= quirk::OPT_PLUS;
+                break;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// A packet of an established (or unknown) connection.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    tcp: &[u8; 20],
+    pass: Reason,
+    config: &Config,
+    clock: &mut Clock,
+) -> Reason {
+    let flow = FLOWS.get_ptr_mut(&scratch.flow);
+    let mut class = scratch.rate_class as u32;
+    let mut reason = pass;
+    if let Some(f) = flow {
+        // SAFETY: map memory from a successful lookup.
+        let f = unsafe { &mut *f };
+        match Action::from_u8(f.action) {
+            Some(Action::Block) => return Reason::DropFlowFingerprint,
+            Some(Action::Throttle) => {
+                if class == 0 {
+                    class = f.rate_class as u32;
+                }
+                reason = throttled(reason);
+            }
+            _ => {}
+        }
+    }
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, clock) {
+        return drop;
+    }
+    if let Some(f) = flow {
+        // SAFETY: as above.
+        track_flow(ctx, scratch, unsafe { &mut *f }, tcp, reason, config, clock);
+    }
+    reason
+}
+
+/// Requests, capture and flow end for a tracked flow. May tail-call `aqd_hello` (then it does not return).
+#[inline(always)]
+fn track_flow(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    f: &mut FlowState,
+    tcp: &[u8; 20],
+    reason: Reason,
+    config: &Config,
+    clock: &mut Clock,
+) {
+    f.last_seen_ns = clock.coarse();
+    let flags = tcp[13];
+    let mut ack_advanced = false;
+    if flags & TCP_ACK != 0 {
+        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        if f.flags & flow_flag::ACK_SEEN == 0 {
+            f.flags |= flow_flag::ACK_SEEN;
+            f.ack_base = ack;
+            f.last_ack = ack;
+            f.ack_at_last_request = ack;
+        } else if (ack.wrapping_sub(f.last_ack) as i32) > 0 {
+            f.last_ack = ack;
+            ack_advanced = true;
+        }
+    }
+    let payload_offset = scratch.l4_offset as usize + {
+        let data_offset = (tcp[12] >> 4) as usize * 4;
+        if data_offset < 20 { 20 } else { data_offset }
+    };
+    let ip_end = ip_end(ctx, scratch);
+    let payload_len = ip_end.saturating_sub(payload_offset);
+    let requests_on = config.flags & CONFIG_FLAG_REQUEST_EVENTS != 0;
+    let ends = flags & (TCP_FIN | TCP_RST) != 0;
+
+    // At most one request event per packet, from one call site (each inlined emitter costs verifier time):
+    // the open request ends when payload arrives after an idle gap (before this payload joins a new one),
+    // when the client acknowledges new server data (the response has started), or with the flow.
+    if requests_on && f.burst_packets != 0 {
+        let idle = payload_len > 0 && {
+            let gap = if config.request_gap_ns != 0 {
+                config.request_gap_ns
+            } else {
+                DEFAULT_REQUEST_GAP_NS
+            };
+            clock.now().saturating_sub(f.burst_last_ns) > gap
+        };
+        if idle || (payload_len == 0 && (ack_advanced || ends)) {
+            emit_flow_event(ctx, scratch, f, EventKind::Request, clock);
+        }
+    }
+    if payload_len > 0 {
+        f.client_bytes += payload_len as u64;
+        if requests_on {
+            let now = clock.now();
+            if f.burst_packets == 0 {
+                f.burst_start_ns = now;
+            }
+            f.burst_bytes += payload_len as u32;
+            f.burst_packets += 1;
+            f.burst_last_ns = now;
+        }
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let stream_offset = seq.wrapping_sub(f.isn).wrapping_sub(1);
+        if config.flags & CONFIG_FLAG_CAPTURE != 0
+            && f.flags & flow_flag::CAPTURE_DONE == 0
+            && stream_offset < CAPTURE_BYTES
+        {
+            scratch.payload_offset = payload_offset as u16;
+            scratch.payload_len = if payload_len > 0xffff {
+                0xffff
+            } else {
+                payload_len as u16
+            };
+            scratch.stream_offset = stream_offset;
+            if stream_offset == 0 && f.flags & flow_flag::HELLO_SEEN == 0 {
+                f.flags |= flow_flag::HELLO_SEEN;
+                scratch.pass_reason = reason as u8;
+                // SAFETY: a tail call with this program's context.
+                unsafe { PROGRAMS.tail_call(ctx, PROG_INDEX_HELLO) };
+                // The table entry is missing: capture without the kernel key.
+            }
+            emit_payload(ctx, scratch, f, 0, 0, 0, clock);
+        }
+    }
+
+    if ends {
+        // A FIN carrying payload leaves that last request open; the flow-end totals include its bytes.
+        if requests_on {
+            emit_flow_event(ctx, scratch, f, EventKind::FlowEnd, clock);
+        }
+        let _ = FLOWS.remove(&scratch.flow);
+    }
+}
+
+/// End of the IP packet in the frame (the IP length, so Ethernet padding never counts as payload).
+#[inline(always)]
+fn ip_end(ctx: &XdpContext, scratch: &Scratch) -> usize {
+    let l3 = scratch.l3_offset as usize;
+    let frame_len = ctx.data_end() - ctx.data();
+    let end = if scratch.ip_version == 4 {
+        match read::<[u8; 4]>(ctx, l3) {
+            Some(h) => l3 + u16::from_be_bytes([h[2], h[3]]) as usize,
+            None => frame_len,
+        }
+    } else {
+        match read::<[u8; 6]>(ctx, l3) {
+            Some(h) => l3 + 40 + u16::from_be_bytes([h[4], h[5]]) as usize,
+            None => frame_len,
+        }
+    };
+    if end < frame_len { end } else { frame_len }
+}
+
+#[inline(always)]
+fn emit_conn(
+    ctx: &XdpContext,
+    scratch: &Scratch,
+    key: u64,
+    action: u8,
+    dropped: bool,
+    isn: u32,
+    clock: &mut Clock,
+) {
+    let sent = match EVENTS.reserve::<ConnEvent>(0) {
+        Some(mut slot) => {
+            let event = slot.as_mut_ptr();
+            // SAFETY: `event` is the reserved, exclusively owned ring-buffer slot of a ConnEvent's size.
+            unsafe {
+                fill_header(
+                    &raw mut (*event).header,
+                    ctx,
+                    EventKind::Conn,
+                    size_of::<ConnEvent>(),
+                    clock,
+                );
+                (*event).flow = scratch.flow;
+                (*event).syn = scratch.syn;
+                (*event).syn_key = key;
+                (*event).action = action;
+                (*event).dropped = dropped as u8;
+                (*event)._pad = [0; 2];
+                (*event).isn = isn;
+            }
+            slot.submit(wakeup_flag());
+            true
+        }
+        None => false,
+    };
+    count_event(EventKind::Conn, sent, false);
+}
+
+/// A request (the burst being tracked, which it resets) or the flow's end. Shed — not sent, counted — while
+/// the ring buffer is more than half full: these are the events the model can best do without.
+#[inline(always)]
+fn emit_flow_event(
+    ctx: &XdpContext,
+    scratch: &Scratch,
+    f: &mut FlowState,
+    kind: EventKind,
+    clock: &mut Clock,
+) {
+    let is_request = kind == EventKind::Request;
+    let response = f.last_ack.wrapping_sub(if is_request {
+        f.ack_at_last_request
+    } else {
+        f.ack_base
+    });
+    let (start, end, bytes, packets) = if is_request {
+        (
+            f.burst_start_ns,
+            f.burst_last_ns,
+            f.burst_bytes as u64,
+            f.burst_packets,
+        )
+    } else {
+        (f.first_seen_ns, f.last_seen_ns, f.client_bytes, 0)
+    };
+    if is_request {
+        f.requests += 1;
+        f.ack_at_last_request = f.last_ack;
+        f.burst_bytes = 0;
+        f.burst_packets = 0;
+    }
+    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) > (capacity::EVENTS_BYTES / 2) as u64 {
+        count_event(kind, false, true);
+        return;
+    }
+    let sent = match EVENTS.reserve::<FlowEvent>(0) {
+        Some(mut slot) => {
+            let event = slot.as_mut_ptr();
+            // SAFETY: `event` is the reserved, exclusively owned ring-buffer slot of a FlowEvent's size.
+            unsafe {
+                fill_header(&raw mut (*event).header, ctx, kind, size_of::<FlowEvent>(), clock);
+                (*event).flow = scratch.flow;
+                (*event).syn_key = f.syn_key;
+                (*event).hello_key = f.hello_key;
+                (*event).start_ns = start;
+                (*event).end_ns = end;
+                (*event).bytes = bytes;
+                (*event).response_bytes = response as u64;
+                (*event).packets = packets;
+                (*event).requests = f.requests;
+            }
+            slot.submit(wakeup_flag());
+            true
+        }
+        None => false,
+    };
+    count_event(kind, sent, false);
+}
+
+#[inline(always)]
+fn count_event(kind: EventKind, sent: bool, shed: bool) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
+        let counters = unsafe { &mut *counters };
+        let slot = if shed {
+            &mut counters.events_shed
+        } else if sent {
+            &mut counters.events_sent
+        } else {
+            &mut counters.events_lost
+        };
+        bump(slot, kind as usize);
+    }
+}
