@@ -794,6 +794,16 @@ fn main() -> anyhow::Result<()> {
     };
     drop_lab(lab)?;
     report.print();
+    // One core, this thread's CPU time: record reassembly + parse + JA4/JA4_r/JA4_o/JA4_ro of a Chrome-like,
+    // two-record ClientHello with a post-quantum key share.
+    let _warm = detector_user::fingerprint::ja4_throughput(5_000);
+    let ja4_rate = detector_user::fingerprint::ja4_throughput(300_000);
+    println!("\n## Userspace fingerprinting\n");
+    println!("| work | per second, one core |\n|---|---|");
+    println!(
+        "| ClientHello → JA4 (reassembly, parse, 4 JA4 forms) | {} |",
+        rate(ja4_rate)
+    );
     println!(
         "\nBench wall time {:.1} s (lab set up and torn down: namespaces, veth, bpffs, daemon); load average at the \
          end: {}.",

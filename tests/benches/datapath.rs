@@ -49,8 +49,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use detector_common::{
-    Action, CONFIG_FLAG_CONN_EVENTS, Config, Decision, FLOOR_PROGRAM_NAME, Origin, PROGRAM_NAME, RateClass,
-    Reason, event::EventKind, map_names,
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, Decision,
+    FLOOR_PROGRAM_NAME, Origin, PROGRAM_NAME, RateClass, Reason, event::EventKind, map_names,
 };
 use detector_user::{
     loader::{self, LoadOptions},
@@ -269,6 +269,8 @@ struct Case {
     xf_action: u32,
     /// Whether xdp-filter does the same job on it (like for like): unknown-source pass and exact denylist drop.
     like_for_like: bool,
+    /// Run once through aqd before the case (e.g. the SYN that creates the flow a data packet belongs to).
+    setup: Option<Vec<u8>>,
 }
 
 fn cases() -> Vec<Case> {
@@ -290,6 +292,7 @@ fn cases() -> Vec<Case> {
         events: Events::Idle,
         xf_action,
         like_for_like,
+        setup: None,
     };
     vec![
         case(
@@ -410,7 +413,94 @@ fn cases() -> Vec<Case> {
                 false,
             )
         },
+        Case {
+            events: Events::Consumed,
+            ..case(
+                "SYN with Linux options → p0f signature + verdict lookup + flow + conn event",
+                "TCP SYN 74 B (mss,sok,ts,nop,ws) → :443",
+                syn_with_options(UNKNOWN_V4, 40_001, LINUX_WINDOW),
+                Reason::PassDefault,
+                XDP_PASS,
+                false,
+            )
+        },
+        Case {
+            events: Events::Consumed,
+            ..case(
+                "SYN whose signature is blocked → drop at the SYN (+ conn event)",
+                "TCP SYN 74 B (blocked signature) → :443",
+                syn_with_options(UNKNOWN_V4, 40_002, BLOCKED_WINDOW),
+                Reason::DropSynFingerprint,
+                XDP_PASS,
+                false,
+            )
+        },
+        Case {
+            events: Events::Consumed,
+            setup: Some(syn_with_options(UNKNOWN_V4, 40_003, LINUX_WINDOW)),
+            ..case(
+                "data packet of a tracked flow (flow lookup + request tracking)",
+                "TCP ACK+PSH 254 B (200 B payload) → :443",
+                data_segment(UNKNOWN_V4, 40_003, 200),
+                Reason::PassDefault,
+                XDP_PASS,
+                false,
+            )
+        },
     ]
+}
+
+const LINUX_WINDOW: u16 = 64_240;
+/// The window that makes the "blocked signature" SYN's signature differ from the Linux one.
+const BLOCKED_WINDOW: u16 = 1_234;
+const BENCH_ISN: u32 = 1_000_000;
+
+/// A SYN with the option layout Linux sends (mss, sok, ts, nop, ws).
+fn syn_with_options(src: &str, src_port: u16, window: u16) -> Vec<u8> {
+    use etherparse::{PacketBuilder, TcpOptionElement};
+    let src: Ipv4Addr = src.parse().expect("IPv4");
+    let dst: Ipv4Addr = DST_V4.parse().expect("IPv4");
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(src_port, PROTECTED_PORT, BENCH_ISN, window)
+        .syn()
+        .options(&[
+            TcpOptionElement::MaximumSegmentSize(1460),
+            TcpOptionElement::SelectiveAcknowledgementPermitted,
+            TcpOptionElement::Timestamp(12_345, 0),
+            TcpOptionElement::Noop,
+            TcpOptionElement::WindowScale(7),
+        ])
+        .expect("options fit");
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[]).expect("write frame");
+    frame
+}
+
+/// A data segment of the flow `syn_with_options(src, src_port, …)` opened, far past the captured start.
+fn data_segment(src: &str, src_port: u16, payload: usize) -> Vec<u8> {
+    use etherparse::PacketBuilder;
+    let src: Ipv4Addr = src.parse().expect("IPv4");
+    let dst: Ipv4Addr = DST_V4.parse().expect("IPv4");
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(src_port, PROTECTED_PORT, BENCH_ISN + 1 + 100_000, LINUX_WINDOW)
+        .ack(5_000)
+        .psh();
+    let mut frame = Vec::new();
+    builder
+        .write(&mut frame, &vec![0x17; payload])
+        .expect("write frame");
+    frame
+}
+
+/// The kernel key of the "blocked signature" SYN, computed by the userspace twin of the kernel's parser.
+fn blocked_syn_key() -> u64 {
+    let frame = syn_with_options(UNKNOWN_V4, 40_002, BLOCKED_WINDOW);
+    detector_user::fingerprint::syn::parse_ip_tcp(&frame[14..])
+        .expect("a TCP SYN")
+        .signature
+        .key()
 }
 
 // ---- programs under test ----
@@ -610,9 +700,21 @@ fn configure(load: &mut AqdLoad) -> anyhow::Result<()> {
     maps.set_rate_class(1, within_limits())?;
     maps.set_config(Config {
         drop_sample_every: DROP_SAMPLE_EVERY,
-        flags: CONFIG_FLAG_CONN_EVENTS,
+        flags: CONFIG_FLAG_CONN_EVENTS | CONFIG_FLAG_CAPTURE | CONFIG_FLAG_REQUEST_EVENTS,
         test_now_ns: 0,
+        request_gap_ns: 0,
     })?;
+    let mut syn_verdicts: aya::maps::HashMap<_, u64, Decision> = aya::maps::HashMap::try_from(
+        load.ebpf
+            .map_mut(map_names::SYN_VERDICTS)
+            .context("SYN_VERDICTS missing")?,
+    )?;
+    let block = Decision {
+        action: Action::Block as u8,
+        origin: Origin::Cli as u8,
+        ..Decision::default()
+    };
+    syn_verdicts.insert(blocked_syn_key(), block, 0)?;
     Ok(())
 }
 
@@ -1032,6 +1134,10 @@ fn reason_moved(before: &CounterTotals, after: &CounterTotals) -> Vec<(Reason, u
 /// Applies a case's settings to one aqd load.
 fn prepare_aqd(load: &mut AqdLoad, case: &Case, prefill: bool) -> anyhow::Result<()> {
     load.maps.set_rate_class(0, case.class0.limits())?;
+    if let Some(setup) = &case.setup {
+        let program = loader::program_mut(&mut load.ebpf)?;
+        test_run(program, setup, 1)?;
+    }
     if case.events == Events::RingFull && prefill {
         // Fill the ring: 4 MiB of 64-byte conn records is 65,536 events.
         let program = loader::program_mut(&mut load.ebpf)?;
