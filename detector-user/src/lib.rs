@@ -23,4 +23,5 @@ pub mod listfile;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod model;
 pub mod paths;

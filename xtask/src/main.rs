@@ -9,6 +9,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod eval;
 mod test;
 mod util;
 
@@ -37,6 +38,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the data-path benchmark (`cargo bench -p aqd-tests --bench datapath`).
     Bench(bench::BenchArgs),
+    /// Evaluate the behavioural model on the shipped scenarios (or --scenario FILE), side by side with a naive
+    /// per-IP leaky bucket; --train refits the shipped weights on scenarios/train/ first.
+    Eval(eval::EvalArgs),
     /// Send UDP datagrams (used by `demo` inside the client namespace).
     #[command(hide = true)]
     DemoSend(demo::SendArgs),
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::DemoSend(args) => demo::send(&args),
         Command::DemoRecv(args) => demo::receive(&args),
     };

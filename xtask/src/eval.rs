@@ -1,0 +1,58 @@
+//! `cargo xtask eval [--scenario FILE]... [--json] [--train]`: bootstrap, then run the behavioural model's
+//! evaluation harness (`detector-user`'s `model-eval` example, release mode) on the shipped scenarios
+//! (`scenarios/eval/`) or the given files, and print per population the share of sources throttled or blocked,
+//! how fast, and the same for a naive per-IP leaky bucket. `--train` first refits the shipped weights
+//! (`detector-user/src/model/weights.toml`) on `scenarios/train/`.
+//!
+//! An example run through cargo rather than a library call: depending on detector-user would make xtask build
+//! the eBPF program before `bootstrap` has installed its toolchain.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::{bootstrap, util};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A scenario file to run instead of every shipped one in scenarios/eval/ (repeatable).
+    #[arg(long = "scenario", value_name = "FILE")]
+    scenarios: Vec<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Retrain the shipped weights on scenarios/train/ before evaluating (rewrites
+    /// detector-user/src/model/weights.toml).
+    #[arg(long)]
+    train: bool,
+}
+
+/// `cargo xtask eval`.
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    bootstrap::ensure()?;
+    let mut cargo = util::cargo();
+    cargo.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "detector-user",
+        "--example",
+        "model-eval",
+        "--",
+    ]);
+    let cwd = std::env::current_dir()?;
+    for s in &args.scenarios {
+        cargo.arg("--scenario").arg(cwd.join(s));
+    }
+    if args.json {
+        cargo.arg("--json");
+    }
+    if args.train {
+        cargo.arg("--train");
+    }
+    if !args.json {
+        util::heading(&util::display(&cargo));
+    }
+    util::run(&mut cargo)
+}
