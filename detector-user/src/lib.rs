@@ -24,4 +24,5 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod observe;
 pub mod paths;
