@@ -24,5 +24,6 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod model_stage;
 pub mod observe;
 pub mod paths;
