@@ -14,6 +14,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// CLOCK_REALTIME − CLOCK_MONOTONIC in ns: added to a kernel timestamp, gives wall-clock time.
+pub fn realtime_minus_monotonic_ns() -> i64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    wall - monotonic_ns() as i64
+}
+
 /// The kernel expiry value for a TTL starting now; `None` (never expires) encodes as 0.
 pub fn expiry_from_ttl(ttl: Option<Duration>) -> u64 {
     match ttl {

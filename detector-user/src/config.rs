@@ -18,7 +18,11 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::{attach::AttachMode, paths};
+use crate::{
+    attach::AttachMode,
+    fingerprint::live::{FpAction, LiveSettings, parse_fp},
+    paths,
+};
 
 /// Where `aqd run` reads its config unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/aqd/aqd.toml";
@@ -69,6 +73,64 @@ struct RawConfig {
     decisions: RawDecisions,
     #[serde(default)]
     events: RawEvents,
+    #[serde(default)]
+    fingerprints: RawFingerprints,
+    /// `[[fingerprint]]` verdict rules.
+    #[serde(default)]
+    fingerprint: Vec<Spanned<RawFingerprintRule>>,
+    /// `[model]`: the behavioural model's settings (every key optional; unknown keys are errors).
+    #[serde(default)]
+    model: crate::model::ModelConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFingerprints {
+    p0f_db: Option<Spanned<PathBuf>>,
+    max_flows: Option<Spanned<usize>>,
+    flow_timeout: Option<Spanned<String>>,
+    max_fingerprints: Option<Spanned<usize>>,
+    escalate_after: Option<Spanned<u32>>,
+    escalate_window: Option<Spanned<String>>,
+    escalate_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFingerprintRule {
+    fp: Spanned<String>,
+    action: Spanned<String>,
+    ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    reason: String,
+    class: Option<Spanned<String>>,
+}
+
+/// A `[[fingerprint]]` rule: a verdict by fingerprint from the config file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct FingerprintRule {
+    /// The fingerprint as written (JA4, JA4_r, p0f SYN text, `syn:0x…`, `hello:0x…`).
+    pub fp: String,
+    pub action: FpAction,
+    /// None = permanent.
+    pub ttl: Option<Duration>,
+    pub reason: String,
+    /// Rate class (throttle only).
+    pub class: Option<String>,
+}
+
+impl FingerprintRule {
+    /// The rule as one line, to tell a changed rule from an unchanged one across reloads.
+    pub fn canonical(&self) -> String {
+        format!(
+            "{}|{}|{:?}|{}|{:?}",
+            self.fp,
+            self.action.name(),
+            self.ttl.map(|t| t.as_secs()),
+            self.reason,
+            self.class
+        )
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +238,12 @@ pub struct Config {
     /// Expiries are spread by up to this fraction of the TTL so a bulk import never expires in one second.
     pub ttl_jitter: f64,
     pub drop_sample_every: u32,
+    /// `[fingerprints]`: the live fingerprint pipeline.
+    pub fingerprints: LiveSettings,
+    /// `[[fingerprint]]`: verdicts by fingerprint.
+    pub fingerprint_rules: Vec<FingerprintRule>,
+    /// `[model]`: the behavioural model.
+    pub model: crate::model::ModelConfig,
 }
 
 impl Default for Config {
@@ -377,6 +445,101 @@ impl Config {
         let deny = cidrs(&raw.lists.deny, "lists.deny")?;
         let files = |v: &[Spanned<PathBuf>]| v.iter().map(|p| p.get_ref().clone()).collect::<Vec<_>>();
 
+        let fpc = &raw.fingerprints;
+        let mut fingerprints = LiveSettings::default();
+        if let Some(p) = &fpc.p0f_db {
+            fingerprints.p0f_db = (!p.get_ref().as_os_str().is_empty()).then(|| p.get_ref().clone());
+        }
+        let positive = |v: &Option<Spanned<usize>>, field: &str, default: usize, max: usize| match v {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(n.get_ref()) => Ok(*n.get_ref()),
+            Some(n) => Err(lines.invalid(n.span(), field, format!("must be between 1 and {max}"))),
+        };
+        fingerprints.max_flows = positive(
+            &fpc.max_flows,
+            "fingerprints.max_flows",
+            fingerprints.max_flows,
+            1 << 20,
+        )?;
+        fingerprints.max_fingerprints = positive(
+            &fpc.max_fingerprints,
+            "fingerprints.max_fingerprints",
+            fingerprints.max_fingerprints,
+            1 << 20,
+        )?;
+        fingerprints.flow_timeout = duration(
+            &fpc.flow_timeout,
+            "fingerprints.flow_timeout",
+            fingerprints.flow_timeout,
+        )?;
+        fingerprints.escalate_window = duration(
+            &fpc.escalate_window,
+            "fingerprints.escalate_window",
+            fingerprints.escalate_window,
+        )?;
+        fingerprints.escalate_ttl = duration(
+            &fpc.escalate_ttl,
+            "fingerprints.escalate_ttl",
+            fingerprints.escalate_ttl,
+        )?;
+        if let Some(n) = &fpc.escalate_after {
+            fingerprints.escalate_after = *n.get_ref();
+        }
+
+        let mut fingerprint_rules: Vec<FingerprintRule> = Vec::new();
+        let mut rule_ids: BTreeMap<String, usize> = BTreeMap::new();
+        for rule in &raw.fingerprint {
+            let r = rule.get_ref();
+            let target = parse_fp(r.fp.get_ref(), |_| None)
+                .map_err(|m| lines.invalid(r.fp.span(), "fingerprint.fp", m))?;
+            if let Some(first) = rule_ids.insert(target.id(), lines.line(rule.span())) {
+                return Err(lines.invalid(
+                    r.fp.span(),
+                    "fingerprint.fp",
+                    format!("the same fingerprint has a rule at line {first} already"),
+                ));
+            }
+            let action = FpAction::parse(r.action.get_ref())
+                .map_err(|m| lines.invalid(r.action.span(), "fingerprint.action", m))?;
+            let ttl = match &r.ttl {
+                None => None,
+                Some(t) => Some(
+                    parse_duration(t.get_ref()).map_err(|m| lines.invalid(t.span(), "fingerprint.ttl", m))?,
+                ),
+            };
+            let class = match &r.class {
+                None => None,
+                Some(c) if action != FpAction::Throttle => {
+                    return Err(lines.invalid(
+                        c.span(),
+                        "fingerprint.class",
+                        "only a throttle rule takes a class",
+                    ));
+                }
+                Some(c) => {
+                    let name = c.get_ref();
+                    if !rate_classes
+                        .iter()
+                        .any(|rc| rc.name == *name || rc.id.to_string() == *name)
+                    {
+                        return Err(lines.invalid(
+                            c.span(),
+                            "fingerprint.class",
+                            format!("unknown rate class '{name}'"),
+                        ));
+                    }
+                    Some(name.clone())
+                }
+            };
+            fingerprint_rules.push(FingerprintRule {
+                fp: r.fp.get_ref().trim().to_string(),
+                action,
+                ttl,
+                reason: r.reason.trim().to_string(),
+                class,
+            });
+        }
+
         Ok(Self {
             interfaces,
             xdp_mode: raw.daemon.xdp_mode.unwrap_or(AttachMode::Native),
@@ -412,6 +575,9 @@ impl Config {
             default_ttl,
             ttl_jitter,
             drop_sample_every: raw.events.drop_sample_every.unwrap_or(64),
+            fingerprints,
+            fingerprint_rules,
+            model: raw.model,
         })
     }
 
@@ -530,6 +696,43 @@ mod tests {
         assert!(err("[daemon]\nmetrics_address = \"localhost\"\n").contains("daemon.metrics_address"));
         assert!(err("[rate_classes.slow]\nid = 99\n").contains("rate_classes.slow"));
         assert!(err("[rate_classes.slow]\nid = 0\n").contains("only it"));
+    }
+
+    #[test]
+    fn fingerprint_rules_are_validated_with_their_line() {
+        let ok = Config::from_toml(
+            "[fingerprints]\np0f_db = \"\"\nescalate_after = 5\n\n[[fingerprint]]\n\
+             fp = \"t13d1516h2_8daaf6152771_b186095e22b6\"\naction = \"block\"\nttl = \"1h\"\nreason = \"scraper\"\n\n\
+             [[fingerprint]]\nfp = \"syn:0x1234\"\naction = \"throttle\"\nclass = \"throttle\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(ok.fingerprints.p0f_db, None);
+        assert_eq!(ok.fingerprints.escalate_after, 5);
+        assert_eq!(ok.fingerprint_rules.len(), 2);
+        assert_eq!(ok.fingerprint_rules[0].ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(ok.fingerprint_rules[1].ttl, None);
+        let e = err("[[fingerprint]]\nfp = \"t13d1516h2_8daaf6152771_b186095e22b6\"\naction = \"nuke\"\n");
+        assert!(e.contains(":3: fingerprint.action") && e.contains("nuke"), "{e}");
+        let e = err("[[fingerprint]]\nfp = \"firefox\"\naction = \"block\"\n");
+        assert!(
+            e.contains(":2: fingerprint.fp") && e.contains("not a fingerprint"),
+            "{e}"
+        );
+        let e = err("[[fingerprint]]\nfp = \"hello:0x1\"\naction = \"block\"\nttl = \"soon\"\n");
+        assert!(e.contains(":4: fingerprint.ttl"), "{e}");
+        let e = err("[[fingerprint]]\nfp = \"hello:0x1\"\naction = \"block\"\nclass = \"throttle\"\n");
+        assert!(e.contains(":4: fingerprint.class"), "{e}");
+        let e = err("[[fingerprint]]\nfp = \"hello:0x1\"\naction = \"throttle\"\nclass = \"nope\"\n");
+        assert!(e.contains("unknown rate class 'nope'"), "{e}");
+        let e = err(
+            "[[fingerprint]]\nfp = \"hello:0x1\"\naction = \"block\"\n[[fingerprint]]\nfp = \"hello:0x01\"\naction = \"allow\"\n",
+        );
+        assert!(e.contains(":5: fingerprint.fp") && e.contains("line 1"), "{e}");
+        let e = err("[[fingerprint]]\nfp = \"hello:0x1\"\nverdict = \"block\"\n");
+        assert!(e.contains("verdict"), "{e}");
+        let e = err("[fingerprints]\nmax_flows = 0\n");
+        assert!(e.contains(":2: fingerprints.max_flows"), "{e}");
     }
 
     #[test]

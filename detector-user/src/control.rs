@@ -85,6 +85,36 @@ pub enum Request {
         force: bool,
     },
     Reload {},
+    /// Fingerprints seen and verdicts by fingerprint.
+    FpList {},
+    /// The model's highest scores: `kind` is source, prefix or fingerprint.
+    ScoreTop {
+        kind: String,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Why an address, prefix or fingerprint has its score and tier: features, contributions, history.
+    Explain {
+        target: String,
+    },
+    /// A verdict by fingerprint: block / throttle / monitor / allow.
+    FpSet {
+        /// A JA4, a JA4_r, a p0f SYN signature text, `syn:0x<key>` or `hello:0x<key>`.
+        fp: String,
+        action: String,
+        #[serde(default)]
+        class: Option<String>,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        permanent: bool,
+        #[serde(default)]
+        reason: String,
+    },
+    /// Removes the verdict on a fingerprint.
+    FpRemove {
+        fp: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -384,6 +414,14 @@ mod tests {
         let r =
             decode_request(br#"{"version":1,"cmd":"decide","target":"192.0.2.1","action":"block"}"#).unwrap();
         assert!(matches!(r, Request::Decide { ref target, .. } if target == "192.0.2.1"));
+        let r =
+            decode_request(br#"{"version":1,"cmd":"fp_set","fp":"syn:0x1","action":"block","ttl_secs":60}"#)
+                .unwrap();
+        assert!(matches!(r, Request::FpSet { ref fp, ttl_secs: Some(60), .. } if fp == "syn:0x1"));
+        assert_eq!(
+            decode_request(br#"{"version":1,"cmd":"fp_list"}"#).unwrap(),
+            Request::FpList {}
+        );
     }
 
     #[test]
@@ -395,6 +433,8 @@ mod tests {
             (br#"{"version":1,"cmd":"format_disk"}"#, "invalid request"),
             (br#"{"version":1,"cmd":"remove"}"#, "target"),
             (br#"{"version":1,"cmd":"status","extra":1}"#, "invalid request"),
+            (br#"{"version":1,"cmd":"fp_set","fp":"x"}"#, "action"),
+            (br#"{"version":1,"cmd":"fp_remove"}"#, "fp"),
         ] {
             let e = decode_request(line).unwrap_err();
             assert_eq!(e.kind, ErrorKind::BadRequest);

@@ -18,27 +18,33 @@ use anyhow::Context as _;
 use aya::maps::RingBuf;
 use detector_common::{
     Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS,
-    Config as ProgramConfig, Origin, Reason, Verdict, event::EventKind, map_names,
+    Config as ProgramConfig, Origin, Reason, Verdict,
+    event::{EVENT_KIND_COUNT, EventKind},
+    map_names,
 };
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use crate::{
     attach::{self, Attached},
+    clock,
     config::{Config, parse_cidr},
     control::{self, ControlError, ErrorKind, Handler, ImportInto, ListWhat, Request},
-    enforce::{AuditLog, DecisionRequest, EnforceError, Enforcer},
+    enforce::{AuditLog, DecisionRequest, EnforceError, Enforcer, FpRequest},
     events::{Event, EventReader},
+    fingerprint::live::{self, Capture, FpAction, FpTarget, FpVerdicts, HelloSeen, LiveState, parse_fp},
     listfile,
     loader::{self, LoadOptions},
     maps::{KernelMaps, List, rate_class_limits},
-    metrics, paths,
+    metrics,
+    model_stage::ModelStage,
+    paths,
 };
 
 /// Event-reader statistics shared with the status and metrics views.
 #[derive(Debug, Default)]
 pub struct EventStats {
-    pub read: [AtomicU64; 2],
+    pub read: [AtomicU64; EVENT_KIND_COUNT],
     pub undecodable: AtomicU64,
 }
 
@@ -63,6 +69,10 @@ pub struct DaemonState {
     config_entries: BTreeSet<(bool, IpNet)>,
     /// Where `config_entries` is kept between daemon runs (it lives as long as the pins: until reboot).
     config_entries_path: PathBuf,
+    /// The fingerprint pipeline: reassembly, JA4, p0f labels, the fingerprint table, escalation.
+    pub live: LiveState,
+    /// Events → observations → the behavioural model → decisions (origin `model`).
+    pub model: ModelStage,
 }
 
 /// Settings given on the command line; they win over the config file.
@@ -166,9 +176,22 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         reloads: Arc::clone(&reloads),
         config_entries: load_config_entries(&paths::config_entries_for_socket(&config.socket)),
         config_entries_path: paths::config_entries_for_socket(&config.socket),
+        live: LiveState::default(),
+        model: ModelStage::new(
+            crate::model::ModelConfig {
+                wall_offset_ns: clock::realtime_minus_monotonic_ns(),
+                ..config.model.clone()
+            },
+            config.dry_run,
+        ),
     };
+    state.enforcer.fp = FpVerdicts::load(&paths::fp_verdicts_for_socket(&config.socket));
     // Settings and lists go in before the program is attached, so it never runs with stale limits.
     state.apply_config(&config)?;
+    let reinstalled = state.enforcer.fp_reinstall_all()?;
+    if reinstalled > 0 {
+        tracing::info!(keys = reinstalled, "fingerprint verdicts reinstalled");
+    }
 
     let program_fd = program.fd()?.as_fd();
     for iface in &config.interfaces {
@@ -210,20 +233,37 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     // Walks every list and decision map (two syscalls an entry, under the state lock): not too often.
     let mut purge = tokio::time::interval(Duration::from_secs(300));
     // The kernel wakes the reader only when the ring fills up (wake-ups are costly); drain it regularly too.
-    let mut drain = tokio::time::interval(Duration::from_millis(20));
+    // Short: a ClientHello the kernel could not key waits for this drain before the daemon blocks its flow.
+    let mut drain = tokio::time::interval(Duration::from_millis(5));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reassembly of ClientHellos that never complete is given up after fingerprints.flow_timeout.
+    let mut expire = tokio::time::interval(Duration::from_secs(1));
     let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;
+    let mut batch: Vec<Event> = Vec::new();
     loop {
         tokio::select! {
-            batch = reader.next_batch(|event| record_event(&events, &event)) => {
-                batch.context("reading the event ring buffer")?;
+            read = reader.next_batch(|event| batch.push(event)) => {
+                read.context("reading the event ring buffer")?;
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
             }
             _ = drain.tick() => {
-                reader.drain(|event| record_event(&events, &event));
+                reader.drain(|event| batch.push(event));
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
             }
+            _ = expire.tick() => {
+                let mut state = state.lock().expect("state lock");
+                let timeout = state.live.settings.flow_timeout;
+                state.live.reassembler.expire(clock::monotonic_ns(), timeout);
+                state.model_tick();
+            }
             _ = purge.tick() => {
-                match state.lock().expect("state lock").enforcer.maps.purge_expired() {
+                let mut state = state.lock().expect("state lock");
+                match state.enforcer.fp_purge_expired() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "purged expired fingerprint verdicts"),
+                    Err(e) => tracing::warn!("purging expired fingerprint verdicts: {e}"),
+                }
+                match state.enforcer.maps.purge_expired() {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "purged expired decisions and list entries"),
                     Err(e) => tracing::warn!("purging expired entries: {e}"),
@@ -247,6 +287,16 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+        }
+        if !batch.is_empty() {
+            for event in &batch {
+                record_event(&events, event);
+            }
+            state.lock().expect("state lock").on_events(&batch);
+            batch.clear();
+            if batch.capacity() > 65_536 {
+                batch.shrink_to(1024);
+            }
         }
     }
     control_task.abort();
@@ -372,7 +422,464 @@ impl DaemonState {
         self.config_entries = wanted;
         save_config_entries(&self.config_entries_path, &self.config_entries)?;
         self.enforcer.set_config(config.clone());
+        self.live.configure(&config.fingerprints);
+        self.apply_fingerprint_rules(config)?;
         Ok(())
+    }
+
+    /// The config's `[[fingerprint]]` rules: new or changed ones are set (origin config), unchanged ones keep
+    /// their expiry, and config verdicts no longer in the file are removed. Verdicts made from the CLI on
+    /// other fingerprints are untouched.
+    fn apply_fingerprint_rules(&mut self, config: &Config) -> anyhow::Result<()> {
+        let mut wanted = BTreeSet::new();
+        for rule in &config.fingerprint_rules {
+            let target = parse_fp(&rule.fp, |t| self.live.known_syn(t))
+                .map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
+            let id = target.id();
+            wanted.insert(id.clone());
+            let canonical = rule.canonical();
+            if self
+                .enforcer
+                .fp
+                .by_id
+                .get(&id)
+                .is_some_and(|v| v.origin == "config" && v.config_rule.as_deref() == Some(canonical.as_str()))
+            {
+                continue;
+            }
+            let known_keys = self.known_keys(&target);
+            self.enforcer
+                .fp_set(&FpRequest {
+                    target,
+                    action: rule.action,
+                    class: rule.class.clone(),
+                    ttl: rule.ttl,
+                    permanent: rule.ttl.is_none(),
+                    reason: if rule.reason.is_empty() {
+                        "config".into()
+                    } else {
+                        rule.reason.clone()
+                    },
+                    origin: Origin::Config,
+                    known_keys,
+                    config_rule: Some(canonical),
+                })
+                .with_context(|| format!("fingerprint rule {}", rule.fp))?;
+        }
+        let stale: Vec<String> = self
+            .enforcer
+            .fp
+            .by_id
+            .values()
+            .filter(|v| v.origin == "config" && !wanted.contains(&v.id))
+            .map(|v| v.id.clone())
+            .collect();
+        for id in stale {
+            self.enforcer.fp_remove(&id, Origin::Config)?;
+        }
+        Ok(())
+    }
+
+    /// Kernel ClientHello keys seen for a JA4.
+    fn known_keys(&self, target: &FpTarget) -> Vec<u64> {
+        match target {
+            FpTarget::Ja4 { ja4, .. } => self
+                .live
+                .table
+                .ja4
+                .get(ja4)
+                .map(|e| e.kernel_keys.iter().copied().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether a fingerprint (JA4, JA4_r, p0f SYN text, `syn:0x…`, `hello:0x…`) is explicitly allowed: the
+    /// model must never act on it.
+    /// `aqd top --by score`.
+    fn score_top(&self, kind: &str, limit: usize) -> Result<Value, ControlError> {
+        let kind = match kind {
+            "source" | "sources" => crate::model::Kind::Source,
+            "prefix" | "prefixes" => crate::model::Kind::Prefix,
+            "fingerprint" | "fingerprints" | "fp" => crate::model::Kind::Fingerprint,
+            other => {
+                return Err(bad(format!(
+                    "unknown kind {other:?}: source, prefix or fingerprint"
+                )));
+            }
+        };
+        let rows = self.model.model.top(kind, limit, clock::monotonic_ns());
+        Ok(json!({ "dry_run": self.model.dry_run, "rows": rows }))
+    }
+
+    /// `aqd explain ADDR|PREFIX|FP`: the model's view plus what the kernel holds and what the stage did.
+    fn explain(&self, target: &str) -> Result<Value, ControlError> {
+        let now = clock::monotonic_ns();
+        let mut protected = self.enforcer.allowlist().unwrap_or_default();
+        protected.extend(self.enforcer.config().management.iter().copied());
+        let allowlisted = |a: std::net::IpAddr| protected.iter().any(|n| n.contains(&a));
+        let model = &self.model.model;
+        let handled: Vec<&crate::model_stage::Handled> = self
+            .model
+            .recent()
+            .filter(|h| h.decision.scope.to_string().contains(target))
+            .collect();
+        let explanation = if let Ok(addr) = target.parse::<std::net::IpAddr>() {
+            let mut e = model.explain_source(addr, now, &protected);
+            if allowlisted(addr) {
+                if let Some(e) = e.as_mut() {
+                    e.why_not_blocked = Some("allowlisted or in a management network: never decided".into());
+                }
+            }
+            e
+        } else if let Ok(net) = target.parse::<IpNet>() {
+            model.explain_prefix(net.network(), now, &protected)
+        } else {
+            // A fingerprint: JA4 text or `syn:0x<key>`; match it against the model's fingerprint clusters.
+            model
+                .top(crate::model::Kind::Fingerprint, usize::MAX, now)
+                .into_iter()
+                .find_map(|s| match &s.scope {
+                    crate::model::Scope::Fingerprint(id) if s.scope.to_string().contains(target) => {
+                        model.explain_fingerprint(id.key(), now)
+                    }
+                    crate::model::Scope::Fingerprint(id)
+                        if target
+                            .strip_prefix("syn:0x")
+                            .and_then(|k| u64::from_str_radix(k, 16).ok())
+                            == Some(id.syn_key) =>
+                    {
+                        model.explain_fingerprint(id.key(), now)
+                    }
+                    _ => None,
+                })
+        };
+        if explanation.is_none() && handled.is_empty() {
+            return Err(ControlError::new(
+                ErrorKind::NotFound,
+                format!("the model has no record of {target} (not seen, or forgotten after being idle)"),
+            ));
+        }
+        Ok(json!({
+            "target": target,
+            "dry_run": self.model.dry_run,
+            "model": explanation,
+            "decisions": handled,
+        }))
+    }
+
+    /// Scores and proposes (once a second); model decisions go through the single writer unless dry-run.
+    pub fn model_tick(&mut self) {
+        let now = clock::monotonic_ns();
+        if !self.model.tick_due(now) {
+            return;
+        }
+        self.model.dry_run = self.enforcer.config().dry_run;
+        let allowed: Vec<String> = self
+            .enforcer
+            .fp
+            .by_id
+            .values()
+            .filter(|v| v.action == FpAction::Allow)
+            .map(|v| v.id.clone())
+            .collect();
+        let is_allowed = |id: &str| allowed.iter().any(|a| a == id);
+        self.model.tick(now, &mut self.enforcer, &is_allowed);
+    }
+
+    pub fn is_allowed(&self, fp: &str) -> bool {
+        live::is_allowed(&self.enforcer.fp, &self.live.table, fp, clock::monotonic_ns())
+    }
+
+    // ---- the fingerprint pipeline ----
+
+    /// Handles a batch of events (under the state lock, once per batch).
+    pub fn on_events(&mut self, events: &[Event]) {
+        for event in events {
+            self.on_event(event);
+        }
+    }
+
+    fn on_event(&mut self, event: &Event) {
+        self.model.on_event(event);
+        match event {
+            Event::Conn {
+                flow,
+                syn,
+                syn_key,
+                action,
+                dropped,
+                ..
+            } => {
+                let blocked = *dropped && *action == Action::Block as u8;
+                let max = self.live.settings.max_fingerprints;
+                self.live
+                    .table
+                    .record_syn(*syn_key, syn, flow.src, blocked, self.live.p0f.as_ref(), max);
+                if blocked {
+                    self.fingerprint_hit(flow.src, format!("syn:{syn_key:#018x}"), flow.src_port);
+                }
+            }
+            Event::Payload {
+                time_ns,
+                flow,
+                stream_offset,
+                hello_key,
+                hello_status,
+                action,
+                data,
+                ..
+            } => {
+                let capture = Capture {
+                    time_ns: *time_ns,
+                    flow,
+                    stream_offset: *stream_offset,
+                    hello_key: *hello_key,
+                    hello_status: *hello_status,
+                    action: *action,
+                    data,
+                };
+                let max_flows = self.live.settings.max_flows;
+                let result = self.live.reassembler.on_capture(&capture, max_flows);
+                match result.hello {
+                    Some(hello) => self.on_hello(hello),
+                    None if result.first_event && *action == Action::Block as u8 => {
+                        self.fingerprint_hit(flow.src, format!("hello:{hello_key:#018x}"), flow.src_port);
+                    }
+                    None => {}
+                }
+            }
+            Event::FlowEnd(activity) => self.live.reassembler.flow_end(&activity.flow),
+            Event::Request(_) | Event::Drop { .. } => {}
+        }
+    }
+
+    /// A ClientHello fingerprinted: table, keys learned for its verdict, and — when the kernel did not apply
+    /// the verdict itself (a ClientHello it could not key, or a key learned only now) — the flow's action in
+    /// FLOWS, timed from the ClientHello's arrival.
+    fn on_hello(&mut self, h: HelloSeen) {
+        self.model.set_ja4(&h.flow, &h.fp.ja4);
+        let now = clock::monotonic_ns();
+        let mut keys = vec![h.computed_key];
+        keys.extend(h.kernel_key);
+        let verdict = self.enforcer.fp.for_ja4(&h.fp.ja4, now).cloned();
+        let mut daemon_blocked = false;
+        if let Some(v) = &verdict {
+            for &k in &keys {
+                if let Err(e) = self.enforcer.fp_learn_key(&h.fp.ja4, k) {
+                    tracing::warn!("installing a fingerprint verdict: {e}");
+                }
+            }
+            if let Some(action) = v.action.kernel()
+                && action != Action::Monitor
+                && h.kernel_action < action as u8
+            {
+                match self
+                    .enforcer
+                    .fp_flow_action(&h.flow.tuple(), action, v.rate_class)
+                {
+                    Ok(true) => {
+                        let us = clock::monotonic_ns().saturating_sub(h.first_ns) / 1000;
+                        self.live.latency.record(us);
+                        daemon_blocked = action == Action::Block;
+                        tracing::debug!(
+                            src = %h.flow.src,
+                            ja4 = %h.fp.ja4,
+                            kernel_status = h.kernel_status,
+                            latency_us = us,
+                            "flow given its fingerprint verdict"
+                        );
+                    }
+                    Ok(false) => {
+                        tracing::debug!(src = %h.flow.src, "flow gone before its fingerprint verdict")
+                    }
+                    Err(e) => tracing::debug!("setting a flow's fingerprint verdict: {e}"),
+                }
+            }
+        }
+        let kernel_dropped = h.kernel_action == Action::Block as u8;
+        let max = self.live.settings.max_fingerprints;
+        self.live
+            .table
+            .record_ja4(&h.fp, h.flow.src, &keys, kernel_dropped || daemon_blocked, max);
+        if kernel_dropped || daemon_blocked {
+            self.fingerprint_hit(h.flow.src, h.fp.ja4.clone(), h.flow.src_port);
+        }
+    }
+
+    /// A connection attempt stopped by a fingerprint verdict: counted per source; enough of them block the
+    /// source itself (origin model, through the lockout guard).
+    fn fingerprint_hit(&mut self, source: std::net::IpAddr, fp: String, port: u16) {
+        let now = clock::monotonic_ns();
+        let Some(esc) = self
+            .live
+            .escalation
+            .hit(source, &fp, port, now, &self.live.settings)
+        else {
+            return;
+        };
+        let reason = format!("fingerprint {} blocked, {} hits", esc.fingerprint, esc.hits);
+        if self.enforcer.config().dry_run {
+            tracing::info!(%source, %reason, "dry run: would block the source");
+            return;
+        }
+        let request = DecisionRequest {
+            target: IpNet::from(source),
+            action: Action::Block,
+            class: None,
+            ttl: Some(self.live.settings.escalate_ttl),
+            permanent: false,
+            reason: reason.clone(),
+            origin: Origin::Model,
+            force: false,
+        };
+        match self.enforcer.decide(&request) {
+            Ok(_) => tracing::info!(%source, %reason, "source blocked after repeated fingerprint hits"),
+            Err(e) if e.is_refusal() => tracing::info!(%source, "not escalating: {e}"),
+            Err(e) => tracing::warn!(%source, "escalating a fingerprint to a source block: {e}"),
+        }
+    }
+
+    /// The `fp list` view: every fingerprint seen, and every live verdict on one not seen (yet).
+    pub fn fp_list(&self) -> Value {
+        let now = clock::monotonic_ns();
+        let verdicts = &self.enforcer.fp;
+        let secs = |t: f64| t as u64;
+        let mut rows: Vec<(u64, Value)> = Vec::new();
+        let mut shown = std::collections::HashSet::new();
+        for e in self.live.table.ja4.values() {
+            let id = format!("ja4:{}", e.ja4);
+            let v = verdicts.get_live(&id, now);
+            let mut keys = e.kernel_keys.clone();
+            if let Some(v) = v {
+                keys.extend(v.hello_keys.iter().copied());
+            }
+            rows.push((
+                e.connections,
+                json!({
+                    "kind": "ja4",
+                    "fingerprint": e.ja4,
+                    "ja4_r": e.ja4_r,
+                    "kernel_keys": keys.iter().map(|k| format!("hello:{k:#018x}")).collect::<Vec<_>>(),
+                    "connections": e.connections,
+                    "dropped": e.dropped,
+                    "sources": e.sources.count(),
+                    "sources_estimated": e.sources.estimated(),
+                    "first_seen": secs(e.first_seen),
+                    "last_seen": secs(e.last_seen),
+                    "verdict": v.map(|v| v.view()),
+                }),
+            ));
+            shown.insert(id);
+        }
+        for e in self.live.table.syn.values() {
+            let id = format!("syn:{:#018x}", e.key);
+            let v = verdicts.get_live(&id, now);
+            rows.push((
+                e.connections,
+                json!({
+                    "kind": "syn",
+                    "fingerprint": e.text,
+                    "key": id,
+                    "label": e.label,
+                    "connections": e.connections,
+                    "dropped": e.dropped,
+                    "sources": e.sources.count(),
+                    "sources_estimated": e.sources.estimated(),
+                    "first_seen": secs(e.first_seen),
+                    "last_seen": secs(e.last_seen),
+                    "verdict": v.map(|v| v.view()),
+                }),
+            ));
+            shown.insert(id);
+        }
+        for v in verdicts
+            .by_id
+            .values()
+            .filter(|v| v.live(now) && !shown.contains(&v.id))
+        {
+            let keys: Vec<String> = v.hello_keys.iter().map(|k| format!("hello:{k:#018x}")).collect();
+            let row = if let Some(ja4) = v.id.strip_prefix("ja4:") {
+                json!({ "kind": "ja4", "fingerprint": ja4, "ja4_r": v.ja4_r, "kernel_keys": keys })
+            } else if v.id.starts_with("syn:") {
+                json!({
+                    "kind": "syn",
+                    "fingerprint": v.syn_text.clone().unwrap_or_else(|| v.id.clone()),
+                    "key": v.id,
+                    "label": null,
+                })
+            } else {
+                json!({ "kind": "ja4", "fingerprint": v.id, "ja4_r": null, "kernel_keys": keys })
+            };
+            let mut row = row;
+            for (k, val) in [
+                ("connections", json!(0)),
+                ("dropped", json!(0)),
+                ("sources", json!(0)),
+                ("sources_estimated", json!(false)),
+                ("first_seen", Value::Null),
+                ("last_seen", Value::Null),
+                ("verdict", v.view()),
+            ] {
+                row[k] = val;
+            }
+            rows.push((0, row));
+        }
+        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        Value::Array(rows.into_iter().map(|(_, r)| r).collect())
+    }
+
+    fn fp_set(
+        &mut self,
+        fp: &str,
+        action: &str,
+        class: Option<String>,
+        ttl_secs: Option<u64>,
+        permanent: bool,
+        reason: String,
+    ) -> Result<Value, ControlError> {
+        let target = parse_fp(fp, |t| self.live.known_syn(t)).map_err(bad)?;
+        let action = FpAction::parse(action).map_err(bad)?;
+        if permanent && ttl_secs.is_some() {
+            return Err(bad("give either a TTL or permanent, not both"));
+        }
+        let known_keys = self.known_keys(&target);
+        let verdict = self
+            .enforcer
+            .fp_set(&FpRequest {
+                target: target.clone(),
+                action,
+                class,
+                ttl: ttl(ttl_secs)?,
+                permanent,
+                reason,
+                origin: Origin::Cli,
+                known_keys,
+                config_rule: None,
+            })
+            .map_err(enforce_error)?;
+        let in_kernel = match (&target, action) {
+            (_, FpAction::Allow) => false,
+            (FpTarget::Syn { .. }, _) => true,
+            _ => !verdict.hello_keys.is_empty(),
+        };
+        let mut out = json!({
+            "id": verdict.id,
+            "action": action.name(),
+            "ttl_secs": (verdict.expires_ns != 0)
+                .then(|| clock::remaining(verdict.expires_ns).map_or(0, |d| d.as_secs())),
+            "kernel_keys": verdict.hello_keys.iter().map(|k| format!("hello:{k:#018x}")).collect::<Vec<_>>(),
+            "in_kernel": in_kernel,
+        });
+        if let FpTarget::Ja4 { .. } = target
+            && !in_kernel
+            && action != FpAction::Allow
+        {
+            out["note"] = json!(
+                "no kernel ClientHello key is known for this JA4 yet: it is installed in the kernel when the                  first such ClientHello is seen (until then the daemon acts per flow); give the JA4_r to                  install it now"
+            );
+        }
+        Ok(out)
     }
 
     /// The `status` view.
@@ -383,6 +890,16 @@ impl DaemonState {
         let config = self.enforcer.config();
         let mut view = status_view(maps, &counters, attach::attachments());
         let read = |k: EventKind| self.events.read[k as usize].load(Ordering::Relaxed);
+        let events_read: serde_json::Map<String, Value> = [
+            EventKind::Conn,
+            EventKind::Drop,
+            EventKind::Payload,
+            EventKind::Request,
+            EventKind::FlowEnd,
+        ]
+        .iter()
+        .map(|k| (k.name().to_string(), json!(read(*k))))
+        .collect();
         view["daemon"] = json!({
             "running": true,
             "uptime_secs": self.started.elapsed().as_secs(),
@@ -390,11 +907,24 @@ impl DaemonState {
             "config": self.config_path,
             "dry_run": config.dry_run,
             "protected_ports": config.protected_ports,
-            "events_read": { "conn": read(EventKind::Conn), "drop_sample": read(EventKind::Drop) },
+            "events_read": events_read,
             "events_undecodable": self.events.undecodable.load(Ordering::Relaxed),
             "reloads_ok": self.reloads.ok.load(Ordering::Relaxed),
             "reloads_failed": self.reloads.failed.load(Ordering::Relaxed),
         });
+        view["model"] = json!({
+            "dry_run": self.model.dry_run,
+            "stage": self.model.stats(),
+            "feed": self.model.feed.stats(),
+            "flows_tracked": self.model.feed.tracked_flows(),
+            "memory": self.model.model.memory_report(),
+            "stats": self.model.model.stats(),
+        });
+        let mut fingerprints = self.live.status();
+        let now = clock::monotonic_ns();
+        fingerprints["verdicts"] = json!(self.enforcer.fp.by_id.values().filter(|v| v.live(now)).count());
+        fingerprints["writes"] = json!(self.enforcer.fp_stats);
+        view["fingerprints"] = fingerprints;
         Ok(view)
     }
 }
@@ -412,7 +942,13 @@ pub fn status_view(
             .map(|r| counters.by_reason[*r as usize])
             .sum()
     };
-    let kinds = [EventKind::Conn, EventKind::Drop];
+    let kinds = [
+        EventKind::Conn,
+        EventKind::Drop,
+        EventKind::Payload,
+        EventKind::Request,
+        EventKind::FlowEnd,
+    ];
     json!({
         "attachments": attachments,
         "packets": counters.packets(),
@@ -553,6 +1089,28 @@ impl Handler for DaemonState {
                 reason,
                 force,
             } => self.import(into, &entries, ttl(ttl_secs)?, reason, force),
+            Request::FpList {} => Ok(self.fp_list()),
+            Request::ScoreTop { kind, limit } => self.score_top(&kind, limit.unwrap_or(20)),
+            Request::Explain { target } => self.explain(&target),
+            Request::FpSet {
+                fp,
+                action,
+                class,
+                ttl_secs,
+                permanent,
+                reason,
+            } => self.fp_set(&fp, &action, class, ttl_secs, permanent, reason),
+            Request::FpRemove { fp } => {
+                let target = parse_fp(&fp, |t| self.live.known_syn(t)).map_err(bad)?;
+                let id = target.id();
+                match self.enforcer.fp_remove(&id, Origin::Cli).map_err(enforce_error)? {
+                    Some(old) => Ok(json!({ "id": id, "removed": true, "action": old.action.name() })),
+                    None => Err(ControlError::new(
+                        ErrorKind::NotFound,
+                        format!("{fp} has no verdict"),
+                    )),
+                }
+            }
             Request::Reload {} => self.reload().map(|()| json!({ "reloaded": true })).map_err(|e| {
                 ControlError::new(
                     ErrorKind::BadRequest,

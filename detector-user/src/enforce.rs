@@ -13,14 +13,18 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use detector_common::{Action, Decision, Origin};
+use detector_common::{Action, Decision, FlowTuple, Origin};
 use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::{
     clock,
     config::Config,
-    maps::{KernelMaps, List, MapsError, action_name, origin_name},
+    fingerprint::{
+        hello_key::key_of_ja4_r,
+        live::{FpAction, FpTarget, FpVerdict, FpVerdicts},
+    },
+    maps::{KernelMaps, List, MapsError, VerdictMap, action_name, origin_name},
 };
 
 #[derive(Debug, Error)]
@@ -52,6 +56,8 @@ pub enum EnforceError {
     },
     #[error("unknown rate class '{0}' (see the rate_classes section of the config)")]
     UnknownClass(String),
+    #[error("{0}")]
+    Fingerprint(String),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("audit log {path}: {source}")]
@@ -71,6 +77,7 @@ impl EnforceError {
                 | Self::Allowlisted { .. }
                 | Self::TooBroad { .. }
                 | Self::UnknownClass(_)
+                | Self::Fingerprint(_)
         ) || matches!(
             self,
             Self::Maps(
@@ -93,6 +100,37 @@ pub struct DecisionRequest {
     pub reason: String,
     pub origin: Origin,
     pub force: bool,
+}
+
+/// A verdict by fingerprint to apply.
+#[derive(Clone, Debug)]
+pub struct FpRequest {
+    pub target: FpTarget,
+    pub action: FpAction,
+    /// Rate class name or id (throttle only); default "throttle".
+    pub class: Option<String>,
+    /// None = the configured default TTL.
+    pub ttl: Option<Duration>,
+    pub permanent: bool,
+    pub reason: String,
+    pub origin: Origin,
+    /// Kernel ClientHello keys already known for a JA4 (from traffic).
+    pub known_keys: Vec<u64>,
+    /// For config verdicts: the rule as written.
+    pub config_rule: Option<String>,
+}
+
+/// Fingerprint-verdict counters of the writer (status and metrics).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct FpWriteStats {
+    /// Writes of a verdict into SYN_VERDICTS / HELLO_VERDICTS.
+    pub verdict_installs: u64,
+    /// Removals from those maps.
+    pub verdict_removals: u64,
+    /// Flows given a fingerprint action in FLOWS by the daemon.
+    pub flow_actions: u64,
+    /// Flows that had already ended (or been evicted) when the daemon came to act on them.
+    pub flow_actions_missed: u64,
 }
 
 /// One line of the audit log.
@@ -170,6 +208,9 @@ pub struct Enforcer {
     pub maps: KernelMaps,
     audit: AuditLog,
     config: Config,
+    /// Verdicts by fingerprint (the daemon's table; the kernel holds them by key).
+    pub fp: FpVerdicts,
+    pub fp_stats: FpWriteStats,
     /// Source of jitter: a cheap xorshift, reseeded from the clock (no need for cryptographic randomness).
     jitter_state: u64,
 }
@@ -185,6 +226,8 @@ impl Enforcer {
             maps,
             audit,
             config,
+            fp: FpVerdicts::default(),
+            fp_stats: FpWriteStats::default(),
             jitter_state: seed,
         }
     }
@@ -464,6 +507,238 @@ impl Enforcer {
         Ok(())
     }
 
+    // ---- verdicts by fingerprint ----
+
+    /// Sets a verdict by fingerprint: the daemon's table, then the kernel under every key it covers (a JA4:
+    /// every kernel ClientHello key known for it, from traffic or from its JA4_r), the file, the audit log.
+    pub fn fp_set(&mut self, request: &FpRequest) -> Result<FpVerdict, EnforceError> {
+        let id = request.target.id();
+        let rate_class = match request.action {
+            FpAction::Throttle => {
+                let name = request.class.as_deref().unwrap_or("throttle");
+                self.config
+                    .rate_class(name)
+                    .ok_or_else(|| EnforceError::UnknownClass(name.to_string()))?
+                    .id
+            }
+            _ => {
+                if request.class.is_some() {
+                    return Err(EnforceError::Fingerprint(
+                        "--class only applies to throttle".into(),
+                    ));
+                }
+                0
+            }
+        };
+        let ttl = if request.permanent {
+            None
+        } else {
+            Some(request.ttl.unwrap_or(self.config.default_ttl))
+        };
+        let previous = self.fp.by_id.get(&id).cloned();
+        let mut verdict = FpVerdict {
+            id: id.clone(),
+            action: request.action,
+            rate_class,
+            expires_ns: clock::expiry_from_ttl(ttl),
+            reason: request.reason.trim().to_string(),
+            origin: origin_name(Some(request.origin)).to_string(),
+            set_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            ja4_r: None,
+            syn_text: None,
+            hello_keys: Default::default(),
+            config_rule: request.config_rule.clone(),
+        };
+        match &request.target {
+            FpTarget::Ja4 { ja4_r, .. } => {
+                verdict.ja4_r = ja4_r
+                    .clone()
+                    .or_else(|| previous.as_ref().and_then(|p| p.ja4_r.clone()));
+                verdict
+                    .hello_keys
+                    .extend(request.known_keys.iter().filter(|k| **k != 0));
+                if let Some(r) = &verdict.ja4_r {
+                    let key = key_of_ja4_r(r).map_err(|e| EnforceError::Fingerprint(e.to_string()))?;
+                    verdict.hello_keys.insert(key);
+                }
+                if let Some(p) = &previous {
+                    verdict.hello_keys.extend(p.hello_keys.iter().copied());
+                }
+            }
+            FpTarget::Syn { text, .. } => {
+                verdict.syn_text = text
+                    .clone()
+                    .or_else(|| previous.as_ref().and_then(|p| p.syn_text.clone()));
+            }
+            FpTarget::Hello { key } => {
+                verdict.hello_keys.insert(*key);
+            }
+        }
+        self.fp.by_id.insert(id.clone(), verdict.clone());
+        let mut touched: Vec<(VerdictMap, u64)> = Vec::new();
+        for v in [Some(&verdict), previous.as_ref()].into_iter().flatten() {
+            if let Some(k) = v.syn_key() {
+                touched.push((VerdictMap::Syn, k));
+            }
+            touched.extend(v.hello_keys.iter().map(|k| (VerdictMap::Hello, *k)));
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for (map, key) in touched {
+            self.fp_sync_key(map, key)?;
+        }
+        self.fp_save();
+        self.audit.append(&fp_record(
+            request.origin,
+            &id,
+            request.action.name(),
+            ttl,
+            &verdict.reason,
+        ))?;
+        Ok(verdict)
+    }
+
+    /// Removes a verdict by fingerprint (its id, see `FpTarget::id`); `Ok(None)` if there was none.
+    pub fn fp_remove(&mut self, id: &str, origin: Origin) -> Result<Option<FpVerdict>, EnforceError> {
+        let Some(old) = self.fp.by_id.remove(id) else {
+            return Ok(None);
+        };
+        self.fp_resync(&old)?;
+        self.fp_save();
+        self.audit
+            .append(&fp_record(origin, id, "unblock", None, &old.reason))?;
+        Ok(Some(old))
+    }
+
+    /// A kernel ClientHello key learned for a JA4 (from traffic): installed at once under the JA4's live
+    /// verdict, if it has one and does not cover the key yet. Returns whether it was installed.
+    pub fn fp_learn_key(&mut self, ja4: &str, key: u64) -> Result<bool, EnforceError> {
+        if key == 0 {
+            return Ok(false);
+        }
+        let now = clock::monotonic_ns();
+        let id = format!("ja4:{ja4}");
+        match self.fp.by_id.get_mut(&id) {
+            Some(v) if v.live(now) && !v.hello_keys.contains(&key) => {
+                if v.hello_keys.len() >= 64 {
+                    return Ok(false);
+                }
+                v.hello_keys.insert(key);
+            }
+            _ => return Ok(false),
+        }
+        self.fp_sync_key(VerdictMap::Hello, key)?;
+        self.fp_save();
+        tracing::info!(
+            ja4,
+            key = format_args!("{key:#018x}"),
+            "installed a fingerprint verdict under a new ClientHello key"
+        );
+        Ok(true)
+    }
+
+    /// Gives one tracked flow a fingerprint action (Block drops the rest of it). `Ok(false)` when the flow is
+    /// no longer tracked by the kernel.
+    pub fn fp_flow_action(
+        &mut self,
+        flow: &FlowTuple,
+        action: Action,
+        rate_class: u8,
+    ) -> Result<bool, EnforceError> {
+        let done = self.maps.flow_set_action(flow, action, rate_class)?;
+        if done {
+            self.fp_stats.flow_actions += 1;
+        } else {
+            self.fp_stats.flow_actions_missed += 1;
+        }
+        Ok(done)
+    }
+
+    /// Writes every key of the table again (daemon start: the pinned maps may have been recreated).
+    pub fn fp_reinstall_all(&mut self) -> Result<usize, EnforceError> {
+        let mut keys: Vec<(VerdictMap, u64)> = Vec::new();
+        for v in self.fp.by_id.values() {
+            if let Some(k) = v.syn_key() {
+                keys.push((VerdictMap::Syn, k));
+            }
+            keys.extend(v.hello_keys.iter().map(|k| (VerdictMap::Hello, *k)));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for &(map, key) in &keys {
+            self.fp_sync_key(map, key)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Drops expired verdicts from the table (the kernel already ignores them; `purge_expired` frees their
+    /// map slots).
+    pub fn fp_purge_expired(&mut self) -> Result<usize, EnforceError> {
+        let removed = self.fp.purge_expired(clock::monotonic_ns());
+        for v in &removed {
+            self.fp_resync(v)?;
+        }
+        if !removed.is_empty() {
+            self.fp_save();
+        }
+        Ok(removed.len())
+    }
+
+    fn fp_resync(&mut self, old: &FpVerdict) -> Result<(), EnforceError> {
+        if let Some(k) = old.syn_key() {
+            self.fp_sync_key(VerdictMap::Syn, k)?;
+        }
+        for k in old.hello_keys.clone() {
+            self.fp_sync_key(VerdictMap::Hello, k)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel hold what the table says for one key (see `FpVerdicts::desired`).
+    fn fp_sync_key(&mut self, map: VerdictMap, key: u64) -> Result<(), EnforceError> {
+        let now = clock::monotonic_ns();
+        let desired = self
+            .fp
+            .desired(map == VerdictMap::Syn, key, now)
+            .and_then(|v| v.action.kernel().map(|a| (a, v.clone())));
+        match desired {
+            Some((action, v)) => {
+                let reason = self.maps.reason_code(&v.reason)?;
+                let decision = Decision {
+                    expires_ns: v.expires_ns,
+                    hits: 0,
+                    action: action as u8,
+                    rate_class: v.rate_class,
+                    reason,
+                    origin: Origin::from_u8(match v.origin.as_str() {
+                        "config" => Origin::Config as u8,
+                        "model" => Origin::Model as u8,
+                        _ => Origin::Cli as u8,
+                    })
+                    .unwrap_or(Origin::Cli) as u8,
+                    _pad: [0; 3],
+                };
+                self.maps.verdict_put(map, key, decision)?;
+                self.fp_stats.verdict_installs += 1;
+            }
+            None => {
+                if self.maps.verdict_remove(map, key)? {
+                    self.fp_stats.verdict_removals += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fp_save(&self) {
+        if let Err(e) = self.fp.save() {
+            tracing::warn!("saving the fingerprint verdicts: {e}; they apply until the daemon restarts");
+        }
+    }
+
     fn jittered(&mut self, ttl: Duration) -> Duration {
         let spread = self.config.ttl_jitter;
         if spread <= 0.0 {
@@ -497,6 +772,20 @@ fn record(origin: Origin, target: IpNet, action: &str, ttl: Option<Duration>, re
             .unwrap_or(0.0),
         origin: origin_name(Some(origin)).to_string(),
         target: target.to_string(),
+        action: action.to_string(),
+        ttl: ttl.map(|t| t.as_secs()),
+        reason: reason.to_string(),
+    }
+}
+
+fn fp_record(origin: Origin, id: &str, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
+    AuditRecord {
+        time: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        origin: origin_name(Some(origin)).to_string(),
+        target: id.to_string(),
         action: action.to_string(),
         ttl: ttl.map(|t| t.as_secs()),
         reason: reason.to_string(),

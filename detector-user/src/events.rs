@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use aya::maps::{MapData, RingBuf};
 use detector_common::{
-    ConnEvent, DropEvent, EventHeader, EventKind, FlowEvent, FlowTuple, PayloadEvent, Reason, SynSignature,
+    AddrKey, ConnEvent, DropEvent, EventHeader, EventKind, FlowEvent, FlowTuple, PayloadEvent, Reason,
+    SynSignature,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -36,6 +37,24 @@ pub struct Flow {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+}
+
+impl Flow {
+    /// The kernel's key of this flow (the `FLOWS` map key: client → server, as the events carry it).
+    pub fn tuple(&self) -> FlowTuple {
+        let key = |a: IpAddr| match a {
+            IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
+            IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
+        };
+        FlowTuple {
+            src: key(self.src),
+            dst: key(self.dst),
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 impl From<&FlowTuple> for Flow {
@@ -236,8 +255,6 @@ impl EventReader {
 
 #[cfg(test)]
 mod tests {
-    use detector_common::AddrKey;
-
     use super::*;
 
     fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
@@ -250,7 +267,7 @@ mod tests {
         let e = ConnEvent {
             header: EventHeader {
                 kind: 0,
-                len: 56,
+                len: size_of::<ConnEvent>() as u16,
                 ifindex: 3,
                 time_ns: 42,
             },
@@ -262,19 +279,38 @@ mod tests {
                 proto: 6,
                 _pad: [0; 3],
             },
+            syn: SynSignature {
+                ip_version: 4,
+                ttl: 64,
+                ..Default::default()
+            },
+            syn_key: 7,
+            action: 3,
+            dropped: 1,
+            _pad: [0; 2],
+            isn: 1234,
         };
         let got = decode(&bytes_of(&e)).unwrap();
         let Event::Conn {
             time_ns,
             ifindex,
             flow,
+            syn_key,
+            dropped,
+            isn,
+            ..
         } = got
         else {
             panic!("wrong kind")
         };
-        assert_eq!((time_ns, ifindex), (42, 3));
+        assert_eq!((time_ns, ifindex, syn_key, dropped, isn), (42, 3, 7, true, 1234));
         assert_eq!(flow.src, "10.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(flow.dst_port, 443);
+        assert_eq!(
+            flow.tuple(),
+            e.flow,
+            "a decoded flow maps back to the kernel's FLOWS key"
+        );
     }
 
     #[test]

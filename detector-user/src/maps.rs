@@ -10,9 +10,9 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use detector_common::{
-    Action, AddrKey, Bucket, Config, Counters, Decision, ListEntry, Origin, PREFIX_SCOPE_V4, PREFIX_SCOPE_V6,
-    REASON_COUNT, RateClass, ReasonText, SourceState, addr::V4_MAPPED_PREFIX_BITS, capacity,
-    event::EVENT_KIND_COUNT, map_names,
+    Action, AddrKey, Bucket, Config, Counters, Decision, FlowState, FlowTuple, ListEntry, Origin,
+    PREFIX_SCOPE_V4, PREFIX_SCOPE_V6, REASON_COUNT, RateClass, ReasonText, SourceState,
+    addr::V4_MAPPED_PREFIX_BITS, capacity, event::EVENT_KIND_COUNT, map_names,
 };
 use ipnet::IpNet;
 use thiserror::Error;
@@ -189,6 +189,16 @@ pub fn rate_class_limits(
     }
 }
 
+/// The two verdict-by-fingerprint maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerdictMap {
+    /// `SYN_VERDICTS`, by `SynSignature::key`.
+    Syn,
+    /// `HELLO_VERDICTS`, by the kernel ClientHello key.
+    Hello,
+}
+
 /// Counters summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CounterTotals {
@@ -225,6 +235,11 @@ pub struct KernelMaps {
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counters>,
     reasons: Array<MapData, ReasonText>,
+    /// Verdicts by SYN-signature key and by kernel ClientHello key.
+    syn_verdicts: HashMap<MapData, u64, Decision>,
+    hello_verdicts: HashMap<MapData, u64, Decision>,
+    /// Per-flow state (LRU) of TCP connections to protected ports.
+    flows: HashMap<MapData, FlowTuple, FlowState>,
     /// Reason text → code, filled by one scan on first use, then kept in step by `reason_code` (this process
     /// is the writer while it holds the maps).
     reason_cache: Option<std::collections::HashMap<Vec<u8>, u16>>,
@@ -267,6 +282,9 @@ impl KernelMaps {
             config: typed(n::CONFIG, get(n::CONFIG)?)?,
             counters: typed(n::COUNTERS, get(n::COUNTERS)?)?,
             reasons: typed(n::REASONS, get(n::REASONS)?)?,
+            syn_verdicts: typed(n::SYN_VERDICTS, get(n::SYN_VERDICTS)?)?,
+            hello_verdicts: typed(n::HELLO_VERDICTS, get(n::HELLO_VERDICTS)?)?,
+            flows: typed(n::FLOWS, get(n::FLOWS)?)?,
             reason_cache: None,
         })
     }
@@ -524,6 +542,97 @@ impl KernelMaps {
         }
     }
 
+    // ---- verdicts by fingerprint ----
+
+    fn verdict_map(&mut self, map: VerdictMap) -> (&mut HashMap<MapData, u64, Decision>, &'static str) {
+        match map {
+            VerdictMap::Syn => (&mut self.syn_verdicts, map_names::SYN_VERDICTS),
+            VerdictMap::Hello => (&mut self.hello_verdicts, map_names::HELLO_VERDICTS),
+        }
+    }
+
+    /// Writes a verdict under a fingerprint key, keeping the hit count of the one it replaces.
+    pub fn verdict_put(
+        &mut self,
+        map: VerdictMap,
+        key: u64,
+        mut decision: Decision,
+    ) -> Result<(), MapsError> {
+        if decision.rate_class as u32 >= capacity::RATE_CLASSES {
+            return Err(MapsError::RateClass {
+                class: decision.rate_class as u32,
+            });
+        }
+        let (m, name) = self.verdict_map(map);
+        decision.hits = m.get(&key, 0).map(|d| d.hits).unwrap_or(0);
+        m.insert(key, decision, 0)
+            .map_err(|source| MapsError::Map { name, source })
+    }
+
+    /// Removes the verdict under a fingerprint key; `Ok(false)` if there was none.
+    pub fn verdict_remove(&mut self, map: VerdictMap, key: u64) -> Result<bool, MapsError> {
+        let (m, name) = self.verdict_map(map);
+        not_found_is_false(m.remove(&key).map_err(|source| (name, source)))
+    }
+
+    /// The verdict under a fingerprint key, if any.
+    pub fn verdict_get(&self, map: VerdictMap, key: u64) -> Option<Decision> {
+        match map {
+            VerdictMap::Syn => self.syn_verdicts.get(&key, 0).ok(),
+            VerdictMap::Hello => self.hello_verdicts.get(&key, 0).ok(),
+        }
+    }
+
+    /// Every verdict of one map.
+    pub fn verdicts(&self, map: VerdictMap) -> Result<Vec<(u64, Decision)>, MapsError> {
+        let (m, name) = match map {
+            VerdictMap::Syn => (&self.syn_verdicts, map_names::SYN_VERDICTS),
+            VerdictMap::Hello => (&self.hello_verdicts, map_names::HELLO_VERDICTS),
+        };
+        m.iter()
+            .map(|item| item.map_err(|source| MapsError::Map { name, source }))
+            .collect()
+    }
+
+    /// Sets the fingerprint action of one tracked flow (`Action::Block` drops the rest of the flow). Only an
+    /// existing flow is changed (`BPF_EXIST`): `Ok(false)` when the flow is not (or no longer) tracked.
+    pub fn flow_set_action(
+        &mut self,
+        flow: &FlowTuple,
+        action: Action,
+        rate_class: u8,
+    ) -> Result<bool, MapsError> {
+        const BPF_EXIST: u64 = 2;
+        let mut state = match self.flows.get(flow, 0) {
+            Ok(s) => s,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(false);
+            }
+            Err(source) => {
+                return Err(MapsError::Map {
+                    name: map_names::FLOWS,
+                    source,
+                });
+            }
+        };
+        state.action = action as u8;
+        state.rate_class = if action == Action::Throttle { rate_class } else { 0 };
+        match self.flows.insert(flow, state, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(source) => Err(MapsError::Map {
+                name: map_names::FLOWS,
+                source,
+            }),
+        }
+    }
+
+    /// The state of one tracked flow.
+    pub fn flow(&self, flow: &FlowTuple) -> Option<FlowState> {
+        self.flows.get(flow, 0).ok()
+    }
+
     // ---- settings ----
 
     pub fn set_rate_class(&mut self, class: u32, limits: RateClass) -> Result<(), MapsError> {
@@ -742,6 +851,18 @@ impl KernelMaps {
                         as usize;
             }
         }
+        for which in [VerdictMap::Syn, VerdictMap::Hello] {
+            let (map, name) = self.verdict_map(which);
+            let keys: Vec<u64> = map
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, d)| expired(d.expires_ns))
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
+            }
+        }
         for exact_scope in [true, false] {
             let (map, name) = self.decision_map(exact_scope);
             let keys: Vec<AddrKey> = map
@@ -791,6 +912,16 @@ impl KernelMaps {
                 capacity::DECISION_PREFIX,
             ),
             (map_names::SOURCES, self.sources.keys().count(), capacity::SOURCES),
+            (
+                map_names::SYN_VERDICTS,
+                self.syn_verdicts.keys().count(),
+                capacity::SYN_VERDICTS,
+            ),
+            (
+                map_names::HELLO_VERDICTS,
+                self.hello_verdicts.keys().count(),
+                capacity::HELLO_VERDICTS,
+            ),
         ]
     }
 }

@@ -57,7 +57,13 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
     let events_sent = Family::<Labels, Counter>::default();
     let events_lost = Family::<Labels, Counter>::default();
     let events_read = Family::<Labels, Counter>::default();
-    for kind in [EventKind::Conn, EventKind::Drop] {
+    for kind in [
+        EventKind::Conn,
+        EventKind::Drop,
+        EventKind::Payload,
+        EventKind::Request,
+        EventKind::FlowEnd,
+    ] {
         let l = labels(&[("kind", kind.name())]);
         events_sent
             .get_or_create(&l)
@@ -121,6 +127,9 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
         .inc_by(state.reloads.failed.load(Ordering::Relaxed));
     registry.register("config_reloads", "Config reloads by result", reloads);
 
+    render_fingerprints(state, &mut registry);
+    render_model(state, &mut registry);
+
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| e.to_string())?;
     Ok(out)
@@ -162,4 +171,199 @@ pub async fn serve(listener: TcpListener, state: Arc<Mutex<DaemonState>>) -> std
             let _ = stream.write_all(response.as_bytes()).await;
         });
     }
+}
+
+/// The fingerprint pipeline's numbers.
+fn render_fingerprints(state: &DaemonState, registry: &mut Registry) {
+    let live = &state.live;
+    let stats = &live.reassembler.stats;
+    let tracked = Family::<Labels, Gauge>::default();
+    tracked
+        .get_or_create(&labels(&[("kind", "ja4")]))
+        .set(live.table.ja4.len() as i64);
+    tracked
+        .get_or_create(&labels(&[("kind", "syn")]))
+        .set(live.table.syn.len() as i64);
+    registry.register(
+        "fingerprints_tracked",
+        "Fingerprints in the table, by kind",
+        tracked,
+    );
+    let memory = Gauge::<i64>::default();
+    memory.set((live.table.memory() + live.reassembler.memory()) as i64);
+    registry.register(
+        "fingerprint_memory_bytes",
+        "Approximate memory held by the fingerprint table and reassembly",
+        memory,
+    );
+    let computed = Counter::<u64>::default();
+    computed.inc_by(stats.ja4_computed);
+    registry.register(
+        "ja4_computed",
+        "ClientHellos fingerprinted (one per flow)",
+        computed,
+    );
+    let failed = Family::<Labels, Counter>::default();
+    for (reason, n) in &stats.ja4_failed {
+        failed.get_or_create(&labels(&[("reason", reason)])).inc_by(*n);
+    }
+    failed
+        .get_or_create(&labels(&[("reason", "not_tls")]))
+        .inc_by(stats.not_tls);
+    registry.register(
+        "ja4_failed",
+        "Flows whose first bytes gave no JA4, by why",
+        failed,
+    );
+    let writes = Family::<Labels, Counter>::default();
+    let w = state.enforcer.fp_stats;
+    for (op, n) in [
+        ("install", w.verdict_installs),
+        ("remove", w.verdict_removals),
+        ("flow", w.flow_actions),
+        ("flow_missed", w.flow_actions_missed),
+    ] {
+        writes.get_or_create(&labels(&[("op", op)])).inc_by(n);
+    }
+    registry.register(
+        "fingerprint_verdict_writes",
+        "Writes of verdicts by fingerprint into the kernel (SYN/ClientHello keys, flows)",
+        writes,
+    );
+    let escalations = Counter::<u64>::default();
+    escalations.inc_by(live.escalation.escalations);
+    registry.register(
+        "fingerprint_escalations",
+        "Sources blocked after repeated hits of a blocked fingerprint",
+        escalations,
+    );
+    // ClientHello → flow verdict latency, as cumulative buckets (seconds) with count, sum and max.
+    let h = &live.latency;
+    let buckets = Family::<Labels, Gauge>::default();
+    let mut cumulative = 0u64;
+    for (i, bound) in crate::fingerprint::live::LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += h.counts[i];
+        let le = format!("{}", *bound as f64 / 1e6);
+        buckets
+            .get_or_create(&labels(&[("le", &le)]))
+            .set(cumulative as i64);
+    }
+    buckets
+        .get_or_create(&labels(&[("le", "+Inf")]))
+        .set(h.count as i64);
+    registry.register(
+        "hello_flow_verdict_latency_bucket",
+        "ClientHello arrival (kernel time) to its flow verdict in FLOWS: samples at or below le seconds",
+        buckets,
+    );
+    let count = Gauge::<i64>::default();
+    count.set(h.count as i64);
+    registry.register(
+        "hello_flow_verdict_latency_count",
+        "Samples of that latency",
+        count,
+    );
+    let sum = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    sum.set(h.sum_us as f64 / 1e6);
+    registry.register(
+        "hello_flow_verdict_latency_sum_seconds",
+        "Sum of that latency",
+        sum,
+    );
+    let max = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    max.set(h.max_us as f64 / 1e6);
+    registry.register(
+        "hello_flow_verdict_latency_max_seconds",
+        "Largest such latency",
+        max,
+    );
+}
+
+/// The behavioural model: what it tracks, its scores by tier, and what happened to its decisions.
+fn render_model(state: &DaemonState, registry: &mut Registry) {
+    let stage = state.model.stats();
+    let model = &state.model.model;
+    let memory = model.memory_report();
+    let tracked = Family::<Labels, Gauge>::default();
+    for (kind, n) in [
+        ("source", memory.sources),
+        ("prefix", memory.prefixes),
+        ("fingerprint", memory.fingerprints),
+    ] {
+        tracked.get_or_create(&labels(&[("kind", kind)])).set(n as i64);
+    }
+    registry.register(
+        "model_tracked",
+        "Entities the model keeps state for, by kind",
+        tracked,
+    );
+    let bytes = Gauge::<i64>::default();
+    bytes.set(memory.total_bytes as i64);
+    registry.register("model_memory_bytes", "Memory held by the model's tables", bytes);
+    let observations = Counter::<u64>::default();
+    observations.inc_by(state.model.feed.stats().observations);
+    registry.register(
+        "model_observations",
+        "Observations fed to the model",
+        observations,
+    );
+    let decisions = Family::<Labels, Counter>::default();
+    for (tier, n) in [
+        ("monitor", stage.monitor),
+        ("throttle", stage.throttle),
+        ("block", stage.block),
+    ] {
+        decisions.get_or_create(&labels(&[("tier", tier)])).inc_by(n);
+    }
+    registry.register(
+        "model_decisions",
+        "Model decisions applied (or logged in dry run), by tier",
+        decisions,
+    );
+    let outcomes = Family::<Labels, Counter>::default();
+    for (outcome, n) in [
+        ("applied", stage.applied),
+        ("refused", stage.refused),
+        ("dry_run", stage.dry_run),
+        ("skipped_allowed_fingerprint", stage.skipped_allowed_fingerprint),
+    ] {
+        outcomes.get_or_create(&labels(&[("outcome", outcome)])).inc_by(n);
+    }
+    registry.register(
+        "model_decision_outcomes",
+        "What happened to the model's proposals",
+        outcomes,
+    );
+    // Scores of the tracked sources by the tier they are in (a histogram would need every score; the
+    // current tier counts and the highest score are what an alert needs).
+    let now = crate::clock::monotonic_ns();
+    let by_tier = Family::<Labels, Gauge>::default();
+    let top = model.top(crate::model::Kind::Source, usize::MAX, now);
+    let mut counts = [0i64; 4];
+    let mut max_score = 0.0f64;
+    for s in &top {
+        max_score = max_score.max(s.score);
+        let i = match s.tier {
+            None => 0,
+            Some(crate::model::Action::Monitor) => 1,
+            Some(crate::model::Action::Throttle) => 2,
+            Some(crate::model::Action::Block) => 3,
+        };
+        counts[i] += 1;
+    }
+    for (tier, n) in ["none", "monitor", "throttle", "block"].iter().zip(counts) {
+        by_tier.get_or_create(&labels(&[("tier", tier)])).set(n);
+    }
+    registry.register(
+        "model_sources_by_tier",
+        "Tracked sources by the model tier they are in",
+        by_tier,
+    );
+    let top_score = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    top_score.set(max_score);
+    registry.register(
+        "model_max_source_score",
+        "Highest source score (probability, 0–1)",
+        top_score,
+    );
 }

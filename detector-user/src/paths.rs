@@ -43,6 +43,12 @@ pub fn config_entries_for_socket(socket: &Path) -> PathBuf {
     socket.with_extension("config-entries.json")
 }
 
+/// Where the daemon keeps its verdicts by fingerprint: beside its control socket, like the config entries
+/// (the kernel holds them by key; this file keeps the fingerprints, their JA4_r and keys across restarts).
+pub fn fp_verdicts_for_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("fp-verdicts.json")
+}
+
 /// The versioned pin directory under a pin root (`<root>/v<N>`).
 pub fn versioned_pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))

@@ -7,9 +7,14 @@
 //! - [`syn`]: raw IPv4/IPv6 + TCP headers → [`detector_common::SynSignature`] (as the kernel fills it) and
 //!   p0f's text form `ver:ittl:olen:mss:wsize,scale:olayout:quirks:pclass`;
 //! - [`p0f`]: the `[tcp:request]` section of p0f v3's `p0f.fp`, and matching SYN signatures against it;
-//! - [`offline`]: pcap/pcapng → one [`OfflineRecord`] per ClientHello and per client SYN.
+//! - [`offline`]: pcap/pcapng → one [`OfflineRecord`] per ClientHello and per client SYN;
+//! - [`hello_key`]: the kernel's ClientHello key from a parsed ClientHello or a JA4_r string;
+//! - [`live`]: the daemon's pipeline: capture events → reassembly → JA4 / p0f label → fingerprint table,
+//!   verdicts by fingerprint and escalation to source decisions.
 
+pub mod hello_key;
 pub mod ja4;
+pub mod live;
 pub mod offline;
 pub mod p0f;
 pub mod reassembly;

@@ -67,8 +67,63 @@ pub enum Command {
     Detach(DetachArgs),
     /// Fingerprint a capture offline: JA4/JA4_r of every ClientHello, p0f signature and label of every SYN.
     Fingerprint(FingerprintArgs),
+    /// Live fingerprints (JA4, SYN signatures) and verdicts by fingerprint.
+    #[command(subcommand)]
+    Fp(FpCommand),
+    /// Why the model scores an address, prefix or fingerprint as it does: features, contributions, decisions.
+    Explain(ExplainArgs),
     /// Print shell completions.
     Completions(CompletionArgs),
+}
+
+/// FP is a JA4 (t13d1516h2_8daaf6152771_b186095e22b6), a JA4_r, a p0f SYN signature as `aqd fp list` or
+/// `aqd fingerprint` prints it (quote it), `syn:0x<key>` or `hello:0x<key>`.
+#[derive(Subcommand)]
+pub enum FpCommand {
+    /// Fingerprints seen (JA4 with JA4_r and kernel keys; SYN signatures with their p0f label): connections,
+    /// distinct sources, first/last seen, verdict.
+    List(JsonArg),
+    /// Drop connections with this fingerprint in the kernel (SYN, or ClientHello and the rest of its flow).
+    Block(FpVerdictArgs),
+    /// Limit connections with this fingerprint by a rate class.
+    Throttle(FpThrottleArgs),
+    /// Count connections with this fingerprint; never drop them.
+    Monitor(FpVerdictArgs),
+    /// Explicitly allow this fingerprint: nothing drops it, and the model never acts on it.
+    Allow(FpVerdictArgs),
+    /// Remove the verdict on a fingerprint.
+    #[command(alias = "unblock")]
+    Remove(FpArg),
+}
+
+#[derive(Args)]
+pub struct FpArg {
+    /// The fingerprint.
+    pub fp: String,
+}
+
+#[derive(Args)]
+pub struct FpVerdictArgs {
+    #[command(flatten)]
+    pub fp: FpArg,
+    /// How long it lasts (30s, 10m, 2h, 7d) [default: decisions.default_ttl, 4h].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "permanent")]
+    pub ttl: Option<Duration>,
+    /// Never expires.
+    #[arg(long)]
+    pub permanent: bool,
+    /// Why (shown by `fp list`, recorded in the audit log).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+#[derive(Args)]
+pub struct FpThrottleArgs {
+    #[command(flatten)]
+    pub verdict: FpVerdictArgs,
+    /// Rate class name or id from the config.
+    #[arg(long, default_value = "throttle")]
+    pub class: String,
 }
 
 #[derive(Args)]
@@ -192,6 +247,9 @@ pub struct TopArgs {
     /// Measurement window.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub interval: Duration,
+    /// With `--by score`: rank sources, prefixes or fingerprint clusters.
+    #[arg(long, value_enum, default_value_t = ScoreKind::Source)]
+    pub kind: ScoreKind,
     #[command(flatten)]
     pub json: JsonArg,
 }
@@ -202,6 +260,23 @@ pub enum TopBy {
     Bytes,
     Conns,
     Drops,
+    /// The behavioural model's score (from the daemon).
+    Score,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScoreKind {
+    Source,
+    Prefix,
+    Fingerprint,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// An address, a prefix, a JA4 or `syn:0x<key>`.
+    pub target: String,
+    #[command(flatten)]
+    pub json: JsonArg,
 }
 
 #[derive(Args)]

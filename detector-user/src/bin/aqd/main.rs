@@ -12,7 +12,7 @@ mod output;
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use args::{Cli, Command, DecisionArgs};
+use args::{Cli, Command, DecisionArgs, FpCommand};
 use clap::{CommandFactory as _, Parser as _};
 use detector_common::Origin;
 use detector_user::{
@@ -283,11 +283,75 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Fp(c) => fp(&ctx, c),
+        Command::Explain(a) => explain(&ctx, &a),
         Command::Completions(a) => {
             clap_complete::generate(a.shell, &mut Cli::command(), "aqd", &mut std::io::stdout());
             Ok(())
         }
     }
+}
+
+/// `aqd fp …`: verdicts by fingerprint live in the daemon (it maps JA4 values to kernel keys), so these
+/// need it running.
+fn fp(ctx: &Context, command: FpCommand) -> anyhow::Result<()> {
+    let ask = |request: &Request| -> anyhow::Result<Value> {
+        ctx.ask(request)?.ok_or_else(|| {
+            ClientError::NotRunning {
+                path: ctx.socket.display().to_string(),
+            }
+            .into()
+        })
+    };
+    let (action, a, class) = match command {
+        FpCommand::List(j) => {
+            let rows = ask(&Request::FpList {})?;
+            output::fp_list(&rows, j.json);
+            return Ok(());
+        }
+        FpCommand::Remove(f) => {
+            ask(&Request::FpRemove { fp: f.fp.clone() })?;
+            println!("removed the verdict on {}", f.fp);
+            return Ok(());
+        }
+        FpCommand::Block(a) => ("block", a, None),
+        FpCommand::Monitor(a) => ("monitor", a, None),
+        FpCommand::Allow(a) => ("allow", a, None),
+        FpCommand::Throttle(t) => ("throttle", t.verdict, Some(t.class)),
+    };
+    let result = ask(&Request::FpSet {
+        fp: a.fp.fp.clone(),
+        action: action.to_string(),
+        class,
+        ttl_secs: a.ttl.map(|t| t.as_secs()),
+        permanent: a.permanent,
+        reason: a.reason.clone(),
+    })?;
+    let ttl = result["ttl_secs"]
+        .as_u64()
+        .map(|s| format!(" for {}", output::duration(s)))
+        .unwrap_or_else(|| " permanently".into());
+    let keys = result["kernel_keys"].as_array().map_or(0, Vec::len);
+    let kernel = if result["in_kernel"].as_bool() == Some(true) {
+        if keys > 0 {
+            format!(
+                " (in the kernel under {keys} ClientHello key{})",
+                if keys == 1 { "" } else { "s" }
+            )
+        } else {
+            " (in the kernel)".to_string()
+        }
+    } else {
+        String::new()
+    };
+    println!(
+        "{action} {}{ttl}{kernel}",
+        result["id"].as_str().unwrap_or(&a.fp.fp)
+    );
+    if let Some(note) = result["note"].as_str() {
+        eprintln!("aqd: note: {note}");
+    }
+    Ok(())
 }
 
 fn decide(ctx: &Context, action: &str, a: &DecisionArgs, class: Option<String>) -> anyhow::Result<()> {
@@ -436,7 +500,80 @@ fn import(ctx: &Context, a: args::ImportArgs) -> anyhow::Result<()> {
 
 /// Reads the per-source state twice, `interval` apart, and ranks the sources by rate. Reads the pinned maps
 /// directly (root), so it works whether or not the daemon runs.
+/// Asks the daemon; its absence is an error (the model lives only in the daemon).
+fn ask_daemon(ctx: &Context, request: &Request) -> anyhow::Result<Value> {
+    ctx.ask(request)?.ok_or_else(|| {
+        ClientError::NotRunning {
+            path: ctx.socket.display().to_string(),
+        }
+        .into()
+    })
+}
+
+fn explain(ctx: &Context, a: &args::ExplainArgs) -> anyhow::Result<()> {
+    let reply = ask_daemon(
+        ctx,
+        &Request::Explain {
+            target: a.target.clone(),
+        },
+    )?;
+    if a.json.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    output::explain(&reply);
+    Ok(())
+}
+
+fn top_by_score(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
+    let kind = match a.kind {
+        args::ScoreKind::Source => "source",
+        args::ScoreKind::Prefix => "prefix",
+        args::ScoreKind::Fingerprint => "fingerprint",
+    };
+    let reply = ask_daemon(
+        ctx,
+        &Request::ScoreTop {
+            kind: kind.into(),
+            limit: Some(a.limit),
+        },
+    )?;
+    if a.json.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    if reply["dry_run"].as_bool() == Some(true) {
+        println!("(dry run: the model's decisions are logged, not enforced)");
+    }
+    println!("{:<48} {:>8}  tier", kind, "score");
+    for row in reply["rows"].as_array().into_iter().flatten() {
+        let scope = &row["scope"]["value"];
+        let name = match scope {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => format!(
+                "{}/{}",
+                o.get("ja4").and_then(Value::as_str).unwrap_or("-"),
+                o.get("syn_key")
+                    .and_then(Value::as_u64)
+                    .map(|k| format!("syn:{k:#018x}"))
+                    .unwrap_or_default()
+            ),
+            other => other.to_string(),
+        };
+        println!(
+            "{:<48} {:>8.3}  {}",
+            name,
+            row["score"].as_f64().unwrap_or(0.0),
+            row["tier"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
 fn top(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
+    if a.by == args::TopBy::Score {
+        return top_by_score(ctx, a);
+    }
     let maps = ctx.maps()?;
     let started = detector_user::clock::monotonic_ns();
     let before: std::collections::HashMap<_, _> = maps.sources(0)?.into_iter().collect();
@@ -470,6 +607,7 @@ fn top(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
         args::TopBy::Bytes => "bytes_per_s",
         args::TopBy::Conns => "conns_per_s",
         args::TopBy::Drops => "drops_per_s",
+        args::TopBy::Score => unreachable!("handled by top_by_score"),
     };
     rows.sort_by(|x, y| {
         y[key]
@@ -504,6 +642,7 @@ fn detach(ctx: &Context, iface: Option<&str>) -> anyhow::Result<()> {
                 .with_context(|| format!("removing {}", ctx.pin_dir.display()))?;
             // The config's list entries were in the maps just removed.
             let _ = std::fs::remove_file(paths::config_entries_for_socket(&ctx.socket));
+            let _ = std::fs::remove_file(paths::fp_verdicts_for_socket(&ctx.socket));
             println!(
                 "detached from [{}]; pinned state under {} removed",
                 detached.join(", "),

@@ -142,6 +142,51 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
             );
         }
     }
+    let fp = &view["fingerprints"];
+    if fp.is_object() {
+        let n = |k: &str| fp[k].as_u64().unwrap_or(0);
+        let failed: u64 = fp["ja4_failed"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        println!(
+            "fingerprints: {} JA4, {} SYN signatures (max {} each), {} KiB; {} verdicts",
+            n("ja4_tracked"),
+            n("syn_tracked"),
+            n("max_fingerprints"),
+            n("memory_bytes") / 1024,
+            n("verdicts")
+        );
+        println!(
+            "  JA4 computed {}  failed {}  not TLS {}  flows in progress {} (max {})  kernel key mismatches {}",
+            n("ja4_computed"),
+            failed,
+            n("not_tls"),
+            n("flows_in_progress"),
+            n("max_flows"),
+            n("key_mismatch")
+        );
+        let w = &fp["writes"];
+        println!(
+            "  verdict installs {}  removals {}  flow verdicts {} (missed {})  escalations {}",
+            w["verdict_installs"].as_u64().unwrap_or(0),
+            w["verdict_removals"].as_u64().unwrap_or(0),
+            w["flow_actions"].as_u64().unwrap_or(0),
+            w["flow_actions_missed"].as_u64().unwrap_or(0),
+            n("escalations")
+        );
+        let l = &fp["hello_to_flow_verdict_latency"];
+        if l["count"].as_u64().unwrap_or(0) > 0 {
+            println!(
+                "  ClientHello → flow verdict: {} samples, mean {} µs, p50 ≤ {} µs, p99 ≤ {} µs, max {} µs",
+                l["count"], l["mean_us"], l["p50_le_us"], l["p99_le_us"], l["max_us"]
+            );
+        }
+        match (fp["p0f_signatures"].as_u64(), fp["p0f_error"].as_str()) {
+            (Some(sigs), _) => println!("  p0f: {sigs} signatures from {}", text(&fp["p0f_db"])),
+            (None, Some(e)) => println!("  p0f: unavailable ({e}); SYN signatures unlabelled"),
+            (None, None) => println!("  p0f: no database configured; SYN signatures unlabelled"),
+        }
+    }
 }
 
 pub fn top(rows: &[Value], json: bool) {
@@ -164,6 +209,127 @@ pub fn top(rows: &[Value], json: bool) {
             f("drops_per_s"),
             r["packets"].as_u64().unwrap_or(0),
             text(&r["decision"])
+        );
+    }
+}
+
+fn ago(v: &Value) -> String {
+    let Some(t) = v.as_u64() else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{} ago", duration(now.saturating_sub(t)))
+}
+
+/// `aqd fp list`.
+pub fn fp_list(rows: &Value, json: bool) {
+    if json {
+        println!("{rows}");
+        return;
+    }
+    let empty = Vec::new();
+    let rows = rows.as_array().unwrap_or(&empty);
+    println!(
+        "{:<4} {:>8} {:>8} {:>11} {:>11}  {:<22} FINGERPRINT / DETAIL",
+        "KIND", "CONNS", "SOURCES", "FIRST", "LAST", "VERDICT"
+    );
+    for r in rows {
+        let verdict = match &r["verdict"] {
+            Value::Null => "-".to_string(),
+            v => {
+                let left = v["expires_in_secs"]
+                    .as_u64()
+                    .map(duration)
+                    .unwrap_or_else(|| "permanent".into());
+                format!("{} ({left})", text(&v["action"]))
+            }
+        };
+        let sources = format!(
+            "{}{}",
+            if r["sources_estimated"].as_bool() == Some(true) {
+                "~"
+            } else {
+                ""
+            },
+            r["sources"].as_u64().unwrap_or(0)
+        );
+        println!(
+            "{:<4} {:>8} {:>8} {:>11} {:>11}  {:<22} {}",
+            text(&r["kind"]),
+            r["connections"].as_u64().unwrap_or(0),
+            sources,
+            ago(&r["first_seen"]),
+            ago(&r["last_seen"]),
+            verdict,
+            text(&r["fingerprint"])
+        );
+        if r["kind"] == "syn" {
+            let label = r["label"].as_str().unwrap_or("?");
+            println!("{:>71} {}  p0f: {label}", "", text(&r["key"]));
+        } else {
+            if let Some(ja4_r) = r["ja4_r"].as_str() {
+                println!("{:>71} {ja4_r}", "");
+            }
+            let keys: Vec<String> = r["kernel_keys"]
+                .as_array()
+                .map(|k| k.iter().map(text).collect())
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                println!("{:>71} kernel keys: {}", "", keys.join(" "));
+            }
+        }
+        if let Some(reason) = r["verdict"]["reason"].as_str().filter(|s| !s.is_empty()) {
+            println!("{:>71} reason: {reason}", "");
+        }
+    }
+}
+
+/// `aqd explain` as text: the score, the features by contribution, related clusters, decisions.
+pub fn explain(reply: &Value) {
+    println!("{}", reply["target"].as_str().unwrap_or(""));
+    if reply["dry_run"].as_bool() == Some(true) {
+        println!("  (dry run: model decisions are logged, not enforced)");
+    }
+    let model = &reply["model"];
+    if model.is_null() {
+        println!("  the model holds no scores for it now");
+    } else {
+        println!(
+            "  score {:.3} (bias {:.2}), tier {}, strikes {}",
+            model["score"].as_f64().unwrap_or(0.0),
+            model["bias"].as_f64().unwrap_or(0.0),
+            model["tier"].as_str().unwrap_or("none"),
+            model["strikes"].as_u64().unwrap_or(0)
+        );
+        if let Some(why) = model["why_not_blocked"].as_str() {
+            println!("  not blocked: {why}");
+        }
+        println!("  features (value → contribution to the log-odds):");
+        for f in model["features"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<28} {:>10.3} → {:>+7.3}",
+                f["feature"].as_str().unwrap_or("?"),
+                f["value"].as_f64().unwrap_or(0.0),
+                f["contribution"].as_f64().unwrap_or(0.0)
+            );
+        }
+        for r in model["related"].as_array().into_iter().flatten() {
+            println!("  related: {} score {:.3}", r[0], r[1].as_f64().unwrap_or(0.0));
+        }
+        for h in model["history"].as_array().into_iter().flatten() {
+            println!("  history: {h}");
+        }
+    }
+    for d in reply["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "  decision: {} {} ttl {}s → {} ({})",
+            d["decision"]["action"].as_str().unwrap_or("?"),
+            d["decision"]["scope"]["value"],
+            d["decision"]["ttl"]["secs"].as_u64().unwrap_or(0),
+            d["outcome"].as_str().unwrap_or("?"),
+            d["decision"]["reason"].as_str().unwrap_or("")
         );
     }
 }
