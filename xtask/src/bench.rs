@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: bootstrap, then the benchmarks: the data path (`datapath`: per-packet cost vs a bare
-//! XDP_PASS floor and xdp-filter) and the control plane (`control`: decisions per second, daemon memory).
+//! XDP_PASS floor and xdp-filter), the control plane (`control`: decisions per second, daemon memory, JA4
+//! throughput) and the model (`model`: observations per second, bytes per tracked source).
 //!
 //! cargo's exit status is propagated as is (including when the bench target does not exist).
 
@@ -31,5 +32,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         cargo.arg("--").args(&args.bench_args);
     }
     util::heading(&util::display(&cargo));
-    util::run(&mut cargo)
+    util::run(&mut cargo)?;
+    // The behavioural model: observations scored per second on one core, bytes per tracked source.
+    let mut model = util::cargo();
+    model.args(["bench", "-p", "detector-user", "--bench", "model"]);
+    if !args.bench_args.is_empty() {
+        model.arg("--").args(&args.bench_args);
+    }
+    util::heading(&util::display(&model));
+    util::run(&mut model)
 }
