@@ -76,6 +76,21 @@ const DEB_PACKAGES: &[DebPackage] = &[
         version: None,
         purpose: "packet captures in end-to-end tests",
     },
+    DebPackage {
+        name: "curl",
+        version: None,
+        purpose: "a real TLS client in the end-to-end fingerprint tests",
+    },
+    DebPackage {
+        name: "openssl",
+        version: None,
+        purpose: "`openssl s_client` and the test certificate in the end-to-end fingerprint tests",
+    },
+    DebPackage {
+        name: "python3",
+        version: None,
+        purpose: "the TLS test server and the Python `ssl`/`http.client` client in the fingerprint tests",
+    },
 ];
 
 #[derive(Args)]
@@ -537,7 +552,8 @@ mod tests {
     fn a_newer_consistent_rust_web_on_llvm_22_is_accepted() {
         let dpkg = "llvm-22-dev\tii \t1:22.1.8\nrustc-web\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     cargo-web\tii \t1.96.1+dfsg1-1~deb12u1\nlibstd-rust-web-dev-bpf\tii \t1.96.1+dfsg1-1~deb12u1\n\
-                    iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n";
+                    iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n\
+                    curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\n";
         let mut inv = inventory(dpkg, Some("bpf-linker 0.13.0\n"));
         assert_eq!(
             inv.missing().len(),
@@ -558,7 +574,10 @@ mod tests {
         iproute2\tii \t6.1.0-3\n\
         ethtool\tii \t1:6.1-1\n\
         xdp-tools\tii \t1.3.1-1\n\
-        tcpdump\tii \t4.99.3-1\n";
+        tcpdump\tii \t4.99.3-1\n\
+        curl\tii \t7.88.1-10+deb12u15\n\
+        openssl\tii \t3.0.19-1~deb12u2\n\
+        python3\tii \t3.11.2-1+b1\n";
 
     #[test]
     fn bpf_linker_version_is_parsed() {
@@ -641,7 +660,8 @@ mod tests {
             cmds[1],
             format!(
                 "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
-                 libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump",
+                 libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump curl openssl \
+                 python3",
                 v = RUST_WEB_VERSION
             )
         );
