@@ -71,6 +71,8 @@ fn main() {
     let mut t = t0_ns + SOURCES as u64 * 1_000;
     let mut decisions = 0usize;
     let mut tick_time = std::time::Duration::ZERO;
+    let mut by_scope = [0usize; 3];
+    let mut example: Option<String> = None;
     let start = Instant::now();
     for n in 0..events {
         let r = rng.next();
@@ -105,7 +107,18 @@ fn main() {
         model.observe(black_box(&obs));
         if n % 1_000_000 == 999_999 {
             let ts = Instant::now();
-            decisions += model.tick(t, &()).len();
+            let ds = model.tick(t, &());
+            for d in &ds {
+                match d.scope {
+                    detector_user::model::Scope::Source(_) => by_scope[0] += 1,
+                    detector_user::model::Scope::Prefix(_) => by_scope[1] += 1,
+                    detector_user::model::Scope::Fingerprint(_) => by_scope[2] += 1,
+                }
+                if example.is_none() {
+                    example = Some(format!("{} {}", d.scope, d.reason));
+                }
+            }
+            decisions += ds.len();
             tick_time += ts.elapsed();
         }
     }
@@ -200,7 +213,13 @@ fn main() {
         mem.fingerprint_bytes as f64 / 1048576.0,
         mem.other_bytes as f64 / 1048576.0
     );
-    println!("| decisions proposed (random traffic) | {decisions} |");
+    println!(
+        "| decisions proposed (random traffic) | {decisions} (sources {}, prefixes {}, fingerprints {}) |",
+        by_scope[0], by_scope[1], by_scope[2]
+    );
+    if let Some(e) = example {
+        println!("| first decision | {e} |");
+    }
     println!(
         "targets: ≥ 1,000,000 observations/s: {}; ≤ 256 bytes per source: {}",
         if rate >= 1e6 { "met" } else { "NOT met" },

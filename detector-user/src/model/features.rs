@@ -22,23 +22,32 @@ const EPOCH_SLOTS: u32 = 30;
 /// Gaps longer than this are session breaks, not inter-arrival samples (seconds).
 const MAX_GAP_S: f32 = 600.0;
 pub const SIZE_BUCKETS: usize = 32;
+/// The share of its requests a source with diverse sizes has in a cluster's top two buckets by chance.
+const TEMPLATE_PRIOR: f32 = 0.25;
+/// The sustained rate is counted over at least this long (a burst of a minute is not sustained volume).
+const SUSTAIN_MIN_S: f32 = 120.0;
 
 /// Names of the source features, in vector order.
-pub const SOURCE_FEATURES: [&str; 12] = [
-    "rate",            // ln(1 + requests/s), 10 s horizon
-    "volume",          // ln(1 + client kB/s), 10 min horizon
-    "concurrency",     // ln(1 + open connections)
-    "size_repetition", // share of the top two size buckets (shrunk towards 0.3 for few requests)
-    "size_entropy",    // normalised entropy of the size histogram
-    "regularity",      // 1 - CV/2 of inter-arrival gaps (0.5 = Poisson, 1 = metronome)
-    "duty_cycle",      // share of the last 24 hours with activity
-    "coactivity",      // ln((others of its cluster active in its slot + 1) / (expected + 1)), EWMA
-    "template_match",  // share of its requests in its cluster's top two size buckets
-    "fp_cluster",      // its fingerprint cluster's score × how much it looks like that cluster
-    "prefix_cluster",  // its prefix's score × the same likeness
-    "templated_rate",  // rate × size_repetition: many requests of the same few sizes
+pub const SOURCE_FEATURES: [&str; 14] = [
+    "rate",                // ln(1 + requests/s), 10 s horizon
+    "volume",              // ln(1 + client kB/s), 10 min horizon
+    "concurrency",         // ln(1 + open connections)
+    "size_repetition",     // share of the top two size buckets (shrunk towards 0.3 for few requests)
+    "size_entropy",        // normalised entropy of the size histogram
+    "regularity",          // 1 - CV/2 of inter-arrival gaps (0.5 = Poisson, 1 = metronome)
+    "duty_cycle",          // share of the last 24 hours with activity
+    "coactivity",          // ln((others of its cluster active in its slot + 1) / (expected + 1)), EWMA
+    "template_match",      // share of its requests in its cluster's top two size buckets
+    "fp_cluster",          // its fingerprint cluster's score × how much it looks like that cluster
+    "prefix_cluster",      // its prefix's score × the same likeness
+    "templated_rate",      // rate × size_repetition: many requests of the same few sizes
+    "sustained_rate",      // ln(1 + requests/s over 10 min, counted over at least 2 min): volume that lasts
+    "sustained_templated", // sustained_rate × size_repetition × regularity above Poisson: a tool, not a person
 ];
 pub const NS: usize = SOURCE_FEATURES.len();
+/// Position of `sustained_templated` (the single-source tool rule reads it).
+pub const SUSTAINED_TEMPLATED: usize = 13;
+const _: () = assert!(NS == 14);
 
 /// Names of the group features (fingerprint clusters and prefixes), in vector order.
 pub const GROUP_FEATURES: [&str; 11] = [
@@ -57,14 +66,73 @@ pub const GROUP_FEATURES: [&str; 11] = [
 pub const NG: usize = GROUP_FEATURES.len();
 
 pub(crate) fn size_bucket(bytes: u32) -> usize {
-    // 3 buckets per octave from 128 B (bucket 0) to ~165 KB (bucket 31).
-    let b = 3.0 * (bytes.max(1) as f32).log2() - 21.0;
-    (b.round().max(0.0) as usize).min(SIZE_BUCKETS - 1)
+    // 3 buckets per octave from 128 B (bucket 0) to ~165 KB (bucket 31): round(3·log2 bytes) − 21, from the
+    // exponent and the mantissa's position against 2^(1/6), 2^(1/2) and 2^(5/6) (no logarithm per request).
+    let bits = (bytes.max(1) as f32).to_bits();
+    let e = ((bits >> 23) & 0xff) as i32 - 127;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    let b =
+        3 * e + (m >= 1.122_462) as i32 + (m >= std::f32::consts::SQRT_2) as i32 + (m >= 1.781_797_4) as i32
+            - 21;
+    (b.max(0) as usize).min(SIZE_BUCKETS - 1)
+}
+
+/// e^x for x ≤ 0, to ~2e-5 relative (a degree-6 Taylor polynomial of 2^f of the fraction and the exponent bits): the decayed
+/// counters are updated on every observation and libm's `expf` was a visible share of the per-event cost.
+#[inline]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    if x < -80.0 {
+        return 0.0;
+    }
+    if x >= 0.0 {
+        return 1.0;
+    }
+    let y = x * std::f32::consts::LOG2_E;
+    let i = y.floor();
+    let f = y - i;
+    let p = 1.0
+        + f * (0.693_147_2
+            + f * (0.240_226_5
+                + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));
+    f32::from_bits(((i as i32 + 127) as u32) << 23) * p
 }
 
 #[inline]
 fn decay(dt_s: f32, tau: f32) -> f32 {
-    (-dt_s / tau).exp()
+    exp_neg(-dt_s / tau)
+}
+
+/// c·log2(c) for c = 0..=255 (the entropy of a u8 histogram without a logarithm per bucket).
+static CLOGC: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| {
+    let mut t = [0.0f32; 256];
+    for (c, v) in t.iter_mut().enumerate().skip(1) {
+        *v = c as f32 * (c as f32).log2();
+    }
+    t
+});
+
+/// (top-two share, normalised entropy, total) of a source's u8 histogram: entropy = log2 n − Σ c·log2 c / n.
+fn hist_stats_u8(h: &[u8; SIZE_BUCKETS]) -> (f32, f32, f32) {
+    let t = &*CLOGC;
+    let (mut n, mut s) = (0u32, 0.0f32);
+    let (mut t1, mut t2) = (0u32, 0u32);
+    for &c in h {
+        let c = c as u32;
+        n += c;
+        s += t[c as usize];
+        if c > t1 {
+            t2 = t1;
+            t1 = c;
+        } else if c > t2 {
+            t2 = c;
+        }
+    }
+    if n == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let nf = n as f32;
+    let ent = (nf.log2() - s / nf).max(0.0);
+    ((t1 + t2) as f32 / nf, ent / 5.0, nf)
 }
 
 /// Rate from a decayed counter, corrected for an entity younger than the time constant.
@@ -156,12 +224,13 @@ fn duty(bits: u32, last_hour: u32, now_hour: u32) -> f32 {
     b.count_ones() as f32 / 24.0
 }
 
-/// Per-source state: 144 bytes, fixed.
+/// Per-source state: 136 bytes, fixed (152 with its key in the table's slot).
 #[derive(Clone, Debug, Default)]
 #[repr(C)]
 pub(crate) struct SourceState {
     pub fp: u64,
     pub last_ns: u64,
+    pub last_req_ns: u64,
     pub req_fast: f32,
     pub req_slow: f32,
     pub bytes_slow: f32,
@@ -174,10 +243,11 @@ pub(crate) struct SourceState {
     pub last_hour: u32,
     pub hours: u32,
     pub nreq: u32,
-    pub last_req_ns: u64,
     pub ia_n: u16,
     pub coact_n: u16,
     pub open: u16,
+    /// Sum of `hist` (kept so that template matching is O(1) per request).
+    pub hist_n: u16,
     pub flags: u8,
     pub policy: PolicyState,
     pub hist: [u8; SIZE_BUCKETS],
@@ -237,11 +307,14 @@ impl SourceState {
         self.nreq = self.nreq.saturating_add(1);
         let b = size_bucket(bytes);
         if self.hist[b] == u8::MAX {
+            self.hist_n = 0;
             for c in &mut self.hist {
                 *c /= 2;
+                self.hist_n += *c as u16;
             }
         }
         self.hist[b] += 1;
+        self.hist_n += 1;
         if self.last_req_ns != 0 && now_ns > self.last_req_ns {
             let gap = (now_ns - self.last_req_ns) as f32 * 1e-9;
             if gap < MAX_GAP_S {
@@ -293,13 +366,15 @@ impl SourceState {
         if fp.sources < 3.0 {
             return 0.0;
         }
-        let n: u32 = self.hist.iter().map(|&c| c as u32).sum();
+        let n = self.hist_n as u32;
         if n == 0 {
             return 0.0;
         }
         let (a, b) = fp.top;
         let m = self.hist[a as usize] as u32 + if a != b { self.hist[b as usize] as u32 } else { 0 };
-        shrink(m as f32 / n as f32, n as f32, 0.0, 1.0)
+        // Shrunk towards the share a source with diverse sizes has in any two buckets by chance, with the weight
+        // of 3 requests: two requests that both happen to land in the template are no evidence.
+        shrink(m as f32 / n as f32, n as f32, TEMPLATE_PRIOR, 3.0)
     }
 
     /// The feature vector at `now_ns` (does not modify the state).
@@ -308,23 +383,28 @@ impl SourceState {
         let age = now_ns as f32 * 1e-9 - self.first_s as f32;
         let req_fast = self.req_fast * decay(dt, FAST_TAU_S);
         let bytes_slow = self.bytes_slow * decay(dt, SLOW_TAU_S);
-        let (top, ent, n) = hist_stats(&self.hist);
+        let req_slow = self.req_slow * decay(dt, SLOW_TAU_S);
+        let (top, ent, n) = hist_stats_u8(&self.hist);
         let like = self.likeness(fp);
         let r = rate(req_fast, FAST_TAU_S, age).ln_1p();
         let rep = shrink(top, n, 0.3, 4.0);
+        let reg = self.regularity();
+        let sustained = rate(req_slow, SLOW_TAU_S, age.max(SUSTAIN_MIN_S)).ln_1p();
         [
             r,
             (rate(bytes_slow, SLOW_TAU_S, age) / 1000.0).ln_1p(),
             (self.open as f32).ln_1p(),
-            shrink(top, n, 0.3, 4.0),
+            rep,
             shrink(ent, n, 0.6, 4.0),
-            self.regularity(),
+            reg,
             duty(self.hours, self.last_hour, now_hour),
-            self.coact_shrunk(),
+            self.coact_shrunk().max(0.0),
             self.template_match(fp),
             fp.score * like,
             px.score * like,
             r * rep,
+            sustained,
+            sustained * rep * ((reg - 0.5) * 2.0).clamp(0.0, 1.0),
         ]
     }
 }
@@ -339,7 +419,9 @@ pub(crate) struct GroupState {
     pub slot_m2: f32,
     pub member_reg: f32,
     pub member_coact: f32,
-    pub member_like: f32,
+    /// Time-decayed (10 s) sums of the per-request likeness and of the requests: the cluster's purity.
+    pub like_num: f32,
+    pub like_den: f32,
     pub pre_release: f32,
     pub score: f32,
     pub first_s: u32,
@@ -401,7 +483,10 @@ impl GroupState {
     fn advance(&mut self, now_ns: u64) {
         if now_ns > self.last_ns {
             let dt = (now_ns - self.last_ns) as f32 * 1e-9;
-            self.req_fast *= decay(dt, FAST_TAU_S);
+            let df = decay(dt, FAST_TAU_S);
+            self.req_fast *= df;
+            self.like_num *= df;
+            self.like_den *= df;
             self.req_slow *= decay(dt, SLOW_TAU_S);
             self.last_ns = now_ns;
         }
@@ -485,12 +570,39 @@ impl GroupState {
         0.5 * self.slot_m1
     }
 
+    /// Coactivity samples need a baseline: none in a group's first few slots (at model start every group would
+    /// otherwise look like hundreds of sources arriving together).
     #[inline]
-    pub(crate) fn member_sample(&mut self, regularity: f32, coact: f32, like: f32) {
+    pub(crate) fn coact_ready(&self) -> bool {
+        self.slots_seen >= 4
+    }
+
+    #[inline]
+    pub(crate) fn member_sample(&mut self, regularity: f32, coact: f32) {
         const A: f32 = 1.0 / 64.0;
         self.member_reg += A * (regularity - self.member_reg);
         self.member_coact += A * (coact - self.member_coact);
-        self.member_like += A * (like - self.member_like);
+    }
+
+    /// How much one request looks like the cluster, judged on the request alone: its size in a bucket holding
+    /// ≥ 20 % of the cluster's requests (templated traffic; diverse sizes rarely reach 10 %), or it arrived in a
+    /// slot already far busier than the cluster's usual one (`sample`: ln((others + 1) / (expected + 1)),
+    /// without a baseline for a brand-new cluster, whose first round is then judged pure).
+    #[inline]
+    pub(crate) fn purity_sample(&mut self, bucket: usize, sample: f32) {
+        let share = self.hist[bucket] as f32 / self.hist_n.max(1) as f32;
+        let tm = ((share - 0.08) / 0.12).clamp(0.0, 1.0);
+        let co = (sample / 2.0).clamp(0.0, 1.0);
+        self.like_num += tm.max(co);
+        self.like_den += 1.0;
+    }
+
+    /// Share of the last ~10 s of the cluster's requests that looked like the cluster.
+    pub(crate) fn purity(&self) -> f32 {
+        if self.like_den <= 0.0 {
+            return 0.0;
+        }
+        self.like_num / self.like_den
     }
 
     /// Refreshes the cached top size buckets (called every tick).
@@ -544,7 +656,9 @@ impl GroupState {
             novelty,
             growth,
             duty(self.hours, self.last_hour, now_hour),
-            self.member_coact,
+            // Only the positive side is evidence (members firing together); a negative mean (members avoiding
+            // each other's slots, as uniformly random traffic does) is not a signal a linear model should use.
+            self.member_coact.max(0.0),
             src.ln_1p() * shrink(top, n, 0.3, 8.0),
         ]
     }
@@ -559,5 +673,8 @@ impl GroupState {
 
 #[cfg(test)]
 pub(crate) fn hist_stats_for_test(h: &[u8; SIZE_BUCKETS]) -> (f32, f32, f32) {
-    hist_stats(h)
+    let fast = hist_stats_u8(h);
+    let slow = hist_stats(h);
+    assert!((fast.0 - slow.0).abs() < 1e-5 && (fast.1 - slow.1).abs() < 1e-4 && fast.2 == slow.2);
+    fast
 }

@@ -15,7 +15,7 @@
 //! campaign source doing 0.2 requests/s is only visible through its cluster, while an honest client that
 //! merely shares a popular fingerprint does not inherit the cluster's score.
 //!
-//! Invariants: per-source state is a fixed 144-byte struct in a bounded table (approximate LRU eviction plus
+//! Invariants: per-source state is a fixed 136-byte struct in a bounded table (approximate LRU eviction plus
 //! idle aging; sources under an active throttle/block are evicted last); times are the monotonic clock of the
 //! observations, in ns, and `wall_offset_ns` maps them to wall time (hour of day, release timestamp).
 
@@ -47,6 +47,8 @@ use table::Table;
 
 const NS_PER_S: u64 = 1_000_000_000;
 const NS_PER_H: u64 = 3600 * NS_PER_S;
+/// Sources looked at per tick by the rescan that follows a cluster becoming suspicious.
+const RESCAN_PER_TICK: usize = 65_536;
 
 /// A client fingerprint: clients sharing a TLS library (JA4) and a TCP stack (SYN signature).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -375,6 +377,8 @@ pub struct Model {
     release_ns: Option<u64>,
     release_snapshot: bool,
     last_rescan_ns: u64,
+    rescan_left: usize,
+    rescan_cursor: usize,
     cursors: [usize; 3],
     stats: ModelStats,
 }
@@ -393,8 +397,10 @@ impl Model {
         });
         Ok(Model {
             sources: Table::new(cfg.max_sources, cfg.prealloc),
-            prefixes: Table::new(cfg.max_prefixes, cfg.prealloc),
-            fps: Table::new(cfg.max_fingerprints, cfg.prealloc),
+            // Group tables are not reserved up front even with `prealloc`: a few thousand live groups spread over
+            // an index sized for 262,144 missed the cache on every lookup (twice per request); they grow instead.
+            prefixes: Table::new(cfg.max_prefixes, false),
+            fps: Table::new(cfg.max_fingerprints, false),
             fp_names: HashMap::new(),
             watch: HashSet::new(),
             history: VecDeque::new(),
@@ -402,6 +408,8 @@ impl Model {
             release_ns,
             release_snapshot: false,
             last_rescan_ns: 0,
+            rescan_left: 0,
+            rescan_cursor: 0,
             cursors: [0; 3],
             stats: ModelStats::default(),
             cfg,
@@ -477,6 +485,8 @@ impl Model {
         let key = addr_key(src);
         let hour = self.hour(t);
         let after_release = self.release_ns.is_some_and(|r| t >= r);
+        let min = self.cfg.cluster_min_sources as f32;
+        let bucket = features::size_bucket(bytes);
         let s = self.sources.get_or_insert(key, t, || SourceState::new(t, fp.0));
         if fp != FpKey::UNKNOWN {
             s.fp = fp.0;
@@ -487,23 +497,33 @@ impl Model {
         if s.fp != 0 {
             let g = self.fps.get_or_insert(s.fp, t, || GroupState::new(t));
             let others = g.request(t, bytes, hour, first_slot, first_epoch, after_release);
+            let mut x = 0.0;
             if first_slot {
-                s.coact_sample(((others as f32 + 1.0) / (g.expected_others() + 1.0)).ln());
+                x = ((others as f32 + 1.0) / (g.expected_others() + 1.0)).ln();
+                if g.coact_ready() {
+                    s.coact_sample(x);
+                }
             }
-            fpv = g.view(self.cfg.cluster_min_sources as f32);
-            g.member_sample(regularity, s.coact, s.likeness(&fpv));
+            g.purity_sample(bucket, x);
+            fpv = g.view(min);
+            g.member_sample(regularity, s.coact);
         }
         let p = self
             .prefixes
             .get_or_insert(prefix_key(src), t, || GroupState::new(t));
         let others = p.request(t, bytes, hour, first_slot, first_epoch, after_release);
-        if first_slot && s.fp == 0 {
+        if first_slot && s.fp == 0 && p.coact_ready() {
             s.coact_sample(((others as f32 + 1.0) / (p.expected_others() + 1.0)).ln());
         }
-        let pv = p.view(self.cfg.cluster_min_sources as f32);
-        p.member_sample(regularity, s.coact, s.likeness(&fpv));
+        p.member_sample(regularity, s.coact);
+        // Scored at most once per 1 s slot: decisions are taken once a second (tick), so scoring every request of
+        // a busy source would only repeat the work; a source is scored on its first request in every slot.
+        if !first_slot {
+            return;
+        }
+        let pv = p.view(min);
         let x = s.features(t, hour, &fpv, &pv);
-        let z = self.w.source.score(&x);
+        let z = source_score_with(&self.w, &self.weights.policy, &x);
         s.score = z;
         if z >= self.weights.policy.monitor_enter && s.flags & WATCHED == 0 {
             s.flags |= WATCHED;
@@ -546,6 +566,33 @@ impl Model {
             .map(|g| g.view(min))
             .unwrap_or_default();
         s.features(now_ns, self.hour(now_ns), &fpv, &pv)
+    }
+
+    /// A source's score: the logistic model's, raised by the single-source tool rule when its sustained,
+    /// templated, regular volume exceeds the calibrated bound (`PolicyConfig::tool_sustained_templated`):
+    /// σ(throttle logit + 4 × excess), so a clear excess reaches the block threshold.
+    fn source_score(&self, x: &[f32; features::NS]) -> f32 {
+        source_score_with(&self.w, &self.weights.policy, x)
+    }
+
+    fn source_reasons(&self, x: &[f32; features::NS]) -> String {
+        let why = top_reasons(&self.w.source, x, &SOURCE_FEATURES, 3);
+        let v = x[features::SUSTAINED_TEMPLATED];
+        let bound = self.weights.policy.tool_sustained_templated;
+        if v >= bound {
+            format!("single-source tool rule: sustained_templated {v:.2} ≥ {bound:.2}; {why}")
+        } else {
+            why
+        }
+    }
+
+    /// Whether the source's fingerprint cluster or prefix scores at least `level` (what a rescan looks for).
+    fn in_flagged_group(&self, key: &Key, s: &SourceState, level: f32) -> bool {
+        (s.fp != 0 && self.fps.get(&s.fp).is_some_and(|g| g.score >= level))
+            || self
+                .prefixes
+                .get(&prefix_key(key_addr(key)))
+                .is_some_and(|g| g.score >= level)
     }
 
     fn record(&mut self, now_ns: u64, d: &ProposedDecision, out: &mut Vec<ProposedDecision>) {
@@ -605,7 +652,7 @@ impl Model {
                 newly_flagged = true;
             }
             g.score = z;
-            let pure = g.member_like >= self.cfg.fingerprint_min_purity;
+            let pure = g.purity() >= self.cfg.fingerprint_min_purity;
             let big = g.active_sources() >= 4.0 * self.cfg.cluster_min_sources as f32;
             let max_tier = if pure && big {
                 self.cfg.fingerprint_max_action as u8
@@ -669,23 +716,34 @@ impl Model {
             self.record(now_ns, &d, &mut out);
         }
 
-        // A cluster just became suspicious: look at its known members now rather than at their next request.
+        // A cluster just became suspicious: look at its known members now rather than at their next request. The
+        // sweep is bounded per tick (a full pass over a million sources took ~100 ms inside one tick); members
+        // that request meanwhile are scored with the new cluster score anyway.
         if newly_flagged && now_ns.saturating_sub(self.last_rescan_ns) >= 5 * NS_PER_S {
             self.last_rescan_ns = now_ns;
-            let mut add = Vec::new();
-            for (k, s) in self.sources.iter() {
-                if s.flags & WATCHED == 0 {
-                    let x = self.source_features(k, s, now_ns);
-                    if self.w.source.score(&x) >= pcfg.monitor_enter {
-                        add.push(*k);
+            self.rescan_left = self.sources.len();
+        }
+        if self.rescan_left > 0 {
+            let n = self.rescan_left.min(RESCAN_PER_TICK).min(self.sources.len());
+            self.rescan_left -= n;
+            for _ in 0..n {
+                if self.rescan_cursor >= self.sources.len() {
+                    self.rescan_cursor = 0;
+                }
+                let i = self.rescan_cursor;
+                self.rescan_cursor += 1;
+                let Some((k, s)) = self.sources.at(i) else { break };
+                if s.flags & WATCHED != 0 || !self.in_flagged_group(k, s, pcfg.monitor_enter) {
+                    continue;
+                }
+                let x = self.source_features(k, s, now_ns);
+                if self.source_score(&x) >= pcfg.monitor_enter {
+                    let k = *k;
+                    if let Some((_, s)) = self.sources.at_mut(i) {
+                        s.flags |= WATCHED;
                     }
+                    self.watch.insert(k);
                 }
-            }
-            for k in add {
-                if let Some(s) = self.sources.get_mut(&k) {
-                    s.flags |= WATCHED;
-                }
-                self.watch.insert(k);
             }
         }
 
@@ -705,7 +763,7 @@ impl Model {
                 continue;
             }
             let x = self.source_features(&k, s, now_ns);
-            let z = self.w.source.score(&x);
+            let z = self.source_score(&x);
             let s = self.sources.get_mut(&k).expect("present above");
             s.score = z;
             let step = s.policy.step(z, now_s, &pcfg, 3);
@@ -719,12 +777,7 @@ impl Model {
                     action: step.action,
                     ttl: Duration::from_secs(step.ttl_s as u64),
                     score: z as f64,
-                    reason: format!(
-                        "{} {:.2}: {}",
-                        step.action,
-                        z,
-                        top_reasons(&self.w.source, &x, &SOURCE_FEATURES, 3)
-                    ),
+                    reason: format!("{} {:.2}: {}", step.action, z, self.source_reasons(&x)),
                     refresh: step.refresh,
                 };
                 self.record(now_ns, &d, &mut out);
@@ -833,7 +886,7 @@ impl Model {
         let k = addr_key(addr);
         let s = self.sources.get(&k)?;
         let x = self.source_features(&k, s, now_ns);
-        let z = self.w.source.score(&x);
+        let z = self.source_score(&x);
         let now_s = (now_ns / NS_PER_S) as u32;
         let tier = s.policy.current(now_s);
         let mut related = vec![];
@@ -892,12 +945,12 @@ impl Model {
     /// Why a fingerprint cluster scores what it does.
     pub fn explain_fingerprint(&self, fp: FpKey, now_ns: u64) -> Option<Explanation> {
         let g = self.fps.get(&fp.0)?;
-        let cap = if g.member_like < self.cfg.fingerprint_min_purity {
+        let cap = if g.purity() < self.cfg.fingerprint_min_purity {
             format!(
                 "fingerprint clusters are at most monitored unless {:.0}% of their traffic looks like the cluster \
                  (now {:.0}%); members are throttled or blocked one by one",
                 self.cfg.fingerprint_min_purity * 100.0,
-                g.member_like * 100.0
+                g.purity() * 100.0
             )
         } else {
             format!(
@@ -992,6 +1045,18 @@ pub(crate) struct Snapshot {
     pub sources: Vec<(IpAddr, Vec<f32>)>,
     pub fingerprints: Vec<(u64, Vec<f32>, f32)>,
     pub prefixes: Vec<(IpNet, Vec<f32>, f32)>,
+}
+
+fn source_score_with(w: &Compiled, p: &PolicyConfig, x: &[f32; features::NS]) -> f32 {
+    let z = w.source.score(x);
+    let excess = x[features::SUSTAINED_TEMPLATED] - p.tool_sustained_templated;
+    if excess >= 0.0 {
+        let t = p.throttle_enter.clamp(1e-6, 1.0 - 1e-6);
+        let base = (t / (1.0 - t)).ln();
+        z.max(score::sigmoid(base + 4.0 * excess))
+    } else {
+        z
+    }
 }
 
 #[doc(hidden)]

@@ -64,6 +64,10 @@ pub struct PolicyConfig {
     pub escalate_at_strikes: u8,
     /// One strike is forgiven after this long without a new one.
     pub strike_decay_s: u32,
+    /// Single-source tool rule: a source whose `sustained_templated` feature (sustained request rate × size
+    /// repetition × regularity above Poisson) reaches this is at least throttled, whatever its cluster.
+    /// Calibrated on the training scenarios above every honest source.
+    pub tool_sustained_templated: f32,
 }
 
 impl Default for PolicyConfig {
@@ -82,6 +86,7 @@ impl Default for PolicyConfig {
             max_ttl_s: 86_400,
             escalate_at_strikes: 3,
             strike_decay_s: 86_400,
+            tool_sustained_templated: 1.0,
         }
     }
 }

@@ -126,6 +126,15 @@ impl<K: Hash + Eq + Copy, V: Aged> Table<K, V> {
         removed
     }
 
+    /// The entry in slot `i` (slot numbers change on removal; for bounded sweeps with a cursor).
+    pub(crate) fn at(&self, i: usize) -> Option<(&K, &V)> {
+        self.slots.get(i).map(|(k, v)| (k, v))
+    }
+
+    pub(crate) fn at_mut(&mut self, i: usize) -> Option<(&K, &mut V)> {
+        self.slots.get_mut(i).map(|(k, v)| (&*k, v))
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.slots.iter().map(|(k, v)| (k, v))
     }

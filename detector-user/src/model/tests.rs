@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::eval::{self, Scenario};
-use super::features::{GroupState, SIZE_BUCKETS, SourceState, hist_stats_for_test, size_bucket};
+use super::features::{self, GroupState, SIZE_BUCKETS, SourceState, hist_stats_for_test, size_bucket};
 use super::policy::{PolicyConfig, PolicyState};
 use super::*;
 
@@ -354,4 +354,133 @@ fn allowlisted_sources_and_prefixes_get_no_decisions_and_explanations_add_up() {
         Scope::Fingerprint(_) => false,
     });
     assert!(!allowed_hit, "decisions against allowlisted space: {out:?}");
+}
+
+#[test]
+fn fast_size_bucket_and_exp_match_the_reference() {
+    for b in (1..200_000u32)
+        .step_by(7)
+        .chain([127, 128, 129, 143, 144, 181, 182, 228, 229, u32::MAX])
+    {
+        let reference = ((3.0 * (b as f64).log2() - 21.0).round().max(0.0) as usize).min(SIZE_BUCKETS - 1);
+        assert_eq!(size_bucket(b), reference, "bucket of {b} bytes");
+    }
+    for i in 0..2000 {
+        let x = -(i as f32) * 0.01;
+        let (a, e) = (features::exp_neg(x), x.exp());
+        assert!((a - e).abs() <= 3e-5 * e + 1e-30, "exp({x}) = {e}, got {a}");
+    }
+}
+
+const NOISE_AND_TOOL: &str = r#"
+name = "unit-noise-tool"
+duration = "8m"
+seed = 17
+
+[[population]]
+name = "noise"
+label = "benign"
+sources = 500
+prefixes = 2
+fingerprint = "unit-noise"
+rate = 1.0
+timing = { kind = "poisson" }
+sizes = { kind = "uniform", min = 200, max = 8200 }
+
+[[population]]
+name = "heavy-honest"
+label = "benign"
+sources = 3
+fingerprint = "unique"
+rate = 5.0
+timing = { kind = "poisson" }
+sizes = { kind = "lognormal", median = 2200, sigma = 0.9 }
+concurrency = 4
+
+[[population]]
+name = "extractor"
+label = "campaign"
+sources = 1
+fingerprint = "unit-extractor"
+rate = 5.0
+timing = { kind = "periodic", jitter = 0.1 }
+sizes = { kind = "templated", values = [1300, 2100, 2700], jitter = 0.03 }
+concurrency = 6
+start = "3m"
+"#;
+
+/// Uniformly random traffic is no campaign (the benchmark's old 91,601 proposals came from two requests that
+/// landed in a cluster's top size buckets by chance), and a single heavy templated metronome is caught by the
+/// single-source tool rule while heavy honest users with Poisson timing and diverse sizes are not.
+#[test]
+fn random_traffic_proposes_nothing_and_a_single_source_tool_is_caught() {
+    let sc = Scenario::parse(NOISE_AND_TOOL, "unit").expect("scenario parses");
+    let r = eval::run(&sc, &WeightsFile::shipped(), None);
+    let pop = |n: &str| r.populations.iter().find(|p| p.name == n).expect("population");
+    assert_eq!(
+        pop("noise").aqd_monitored,
+        0,
+        "random sources must not even be monitored"
+    );
+    assert_eq!(
+        pop("heavy-honest").aqd.hit,
+        0,
+        "heavy honest users must not be hit"
+    );
+    let x = pop("extractor");
+    assert_eq!(
+        x.aqd.hit, 1,
+        "the single-source extractor must be throttled or blocked"
+    );
+    assert!(
+        x.aqd.t_median_s.is_some_and(|t| t <= 60.0),
+        "caught after {:?} s",
+        x.aqd.t_median_s
+    );
+}
+
+/// A new lockstep cluster with its own fingerprint is throttled as a whole within seconds, so its members are
+/// decided on their first request (the previous model needed ~10 s for half of them).
+#[test]
+fn a_new_hydra_cluster_is_decided_within_seconds() {
+    let sc = Scenario::parse(HYDRA, "unit").expect("scenario parses");
+    let r = eval::run(&sc, &WeightsFile::shipped(), None);
+    let hydra = r
+        .populations
+        .iter()
+        .find(|p| p.name == "hydra")
+        .expect("population");
+    assert!(
+        hydra.aqd.hit_fast as f64 >= 0.9 * hydra.active as f64,
+        "hydra: {} of {} within 10 s (median {:?} s)",
+        hydra.aqd.hit_fast,
+        hydra.active,
+        hydra.aqd.t_median_s
+    );
+}
+
+/// The rescan after a cluster turns suspicious is bounded per tick, so tick() stays cheap with many sources.
+#[test]
+fn the_rescan_after_a_flag_is_bounded_per_tick() {
+    let mut m = Model::new(ModelConfig::default());
+    let n = super::RESCAN_PER_TICK as u32 + 10_000;
+    for i in 0..n {
+        m.observe(&Observation::Request {
+            time_ns: 1_000 * S + i as u64 * 1_000,
+            src: v4(10, (i >> 16) as u8, (i >> 8) as u8, i as u8),
+            flow: 1,
+            fp: FpKey(7),
+            bytes: 1000,
+            packets: 1,
+        });
+    }
+    m.last_rescan_ns = 0;
+    if let Some(g) = m.fps.get_mut(&7) {
+        g.score = 0.0;
+    }
+    m.rescan_left = m.sources.len();
+    m.tick(1_002 * S, &());
+    assert_eq!(m.rescan_left, n as usize - super::RESCAN_PER_TICK);
+    m.tick(1_003 * S, &());
+    assert_eq!(m.rescan_left, 0);
 }

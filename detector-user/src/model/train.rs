@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use super::eval::{self, Label, Probe, Scenario, Truth};
-use super::features::{GROUP_FEATURES, NG, NS, SOURCE_FEATURES};
+use super::features::{GROUP_FEATURES, NG, NS, SOURCE_FEATURES, SUSTAINED_TEMPLATED};
 use super::score::{Compiled, LinearSpec, sigmoid, top_reasons};
 use super::{Model, WeightsFile};
 
@@ -240,6 +240,9 @@ pub fn train(scenarios: &[Scenario], base: &WeightsFile, l2: f64, fp_budget: f64
     let compiled: Compiled = w.compile().expect("trained weights compile");
     let mut benign: HashMap<String, (f32, String)> = HashMap::new();
     let mut campaign_max: HashMap<String, f32> = HashMap::new();
+    // The single-source tool rule's bound: above every benign source's sustained_templated at every tick.
+    let mut tool_benign: (f32, String) = (0.0, String::new());
+    let mut tool_campaign: HashMap<String, f32> = HashMap::new();
     for sc in scenarios {
         let mut f = |m: &Model, now: u64, truth: &Truth| {
             let snap = m.snapshot(now);
@@ -258,6 +261,15 @@ pub fn train(scenarios: &[Scenario], base: &WeightsFile, l2: f64, fp_budget: f64
                 let x: [f32; NS] = x.as_slice().try_into().expect("NS features");
                 let z = compiled.source.logit(&x);
                 if let Some(l) = truth.source.get(&a) {
+                    let st = x[SUSTAINED_TEMPLATED];
+                    if *l == Label::Benign {
+                        if st > tool_benign.0 {
+                            tool_benign = (st, format!("{}: source {a}", sc.name));
+                        }
+                    } else {
+                        let e = tool_campaign.entry(format!("{}: {a}", sc.name)).or_insert(0.0);
+                        *e = e.max(st);
+                    }
                     let why = || top_reasons(&compiled.source, &x, &SOURCE_FEATURES, 4);
                     see(format!("{}: source {a}", sc.name), z, *l == Label::Benign, &why);
                 }
@@ -316,6 +328,16 @@ pub fn train(scenarios: &[Scenario], base: &WeightsFile, l2: f64, fp_budget: f64
     p.monitor_leave = round6(sigmoid(throttle - 2.2));
     p.block_enter = round6(sigmoid(throttle + 1.5));
     p.block_leave = round6(sigmoid(throttle + 0.8));
+    let bound = (tool_benign.0 * 1.25).max(tool_benign.0 + 0.2);
+    p.tool_sustained_templated = round6(bound);
+    let _ = writeln!(
+        log,
+        "single-source tool rule: highest benign sustained_templated {:.3} ({}) → bound {bound:.3}; training \
+         campaign sources above it at some tick: {}",
+        tool_benign.0,
+        tool_benign.1,
+        tool_campaign.values().filter(|&&v| v >= bound).count()
+    );
     let recall =
         campaign_max.values().filter(|&&z| z >= throttle).count() as f64 / campaign_max.len().max(1) as f64;
     let _ = writeln!(
