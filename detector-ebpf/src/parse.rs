@@ -237,10 +237,12 @@ fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) {
                 Some(flags) => {
                     packet.tcp_syn = flags & 0x02 != 0;
                     packet.tcp_ack = flags & 0x10 != 0;
+                    // Only a header whose flags were read goes on to `aqd_tcp`: one starting just below the
+                    // parse bound (flags past it) stays a new connection here, as the contract says.
+                    packet.tcp_full = ptr_at::<[u8; 20]>(ctx, offset).is_some();
                 }
                 None => packet.tcp_syn = true,
             }
-            packet.tcp_full = ptr_at::<[u8; 20]>(ctx, offset).is_some();
         }
         IPPROTO_UDP => {
             let Some(udp) = read::<[u8; 8]>(ctx, offset) else {
