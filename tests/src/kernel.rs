@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
+    maps::{HashMap, Map, MapData, RingBuf},
     programs::{TestRun as _, TestRunOptions},
 };
-use detector_common::{Config, REASON_COUNT, Reason};
+use detector_common::{Config, Decision, FlowState, FlowTuple, REASON_COUNT, Reason, map_names};
 use detector_user::{
+    events::{self, Event},
     loader::{self, LoadOptions},
     maps::{CounterTotals, KernelMaps},
 };
@@ -24,7 +26,30 @@ pub const XDP_PASS: u32 = 2;
 pub struct KernelUnderTest {
     ebpf: Ebpf,
     pub maps: KernelMaps,
+    /// The fingerprint maps and the ring buffer, opened by id (second handles), so they are here whether or
+    /// not `KernelMaps` takes them too.
+    pub fp: FingerprintMaps,
     config: Config,
+}
+
+/// Handles on the maps of the fingerprint path, and the event ring buffer.
+pub struct FingerprintMaps {
+    pub syn_verdicts: HashMap<MapData, u64, Decision>,
+    pub hello_verdicts: HashMap<MapData, u64, Decision>,
+    pub flows: HashMap<MapData, FlowTuple, FlowState>,
+    pub events: RingBuf<MapData>,
+}
+
+/// A second handle on the loaded map `name` (by its kernel id).
+fn reopen<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &Ebpf, name: &str) -> anyhow::Result<T> {
+    let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::RingBuf(d) => d,
+        _ => bail!("map {name} has an unexpected type"),
+    };
+    let id = data.info()?.id();
+    let map = Map::from_map_data(MapData::from_id(id)?)?;
+    Ok(T::try_from(map)?)
 }
 
 /// The outcome of one packet.
@@ -44,10 +69,17 @@ impl KernelUnderTest {
             test_clock: true,
         })
         .context("loading the XDP program (tests need root)")?;
+        let fp = FingerprintMaps {
+            syn_verdicts: reopen(&ebpf, map_names::SYN_VERDICTS)?,
+            hello_verdicts: reopen(&ebpf, map_names::HELLO_VERDICTS)?,
+            flows: reopen(&ebpf, map_names::FLOWS)?,
+            events: reopen(&ebpf, map_names::EVENTS)?,
+        };
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
         let mut k = Self {
             ebpf,
             maps,
+            fp,
             config: Config::default(),
         };
         k.set_now(now_ns)?;
@@ -114,5 +146,40 @@ impl KernelUnderTest {
 
     pub fn counters(&self) -> anyhow::Result<CounterTotals> {
         Ok(self.maps.counters()?)
+    }
+
+    /// The program config as the test last set it.
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// Puts a verdict under a SYN signature key (`SynSignature::key`).
+    pub fn set_syn_verdict(&mut self, key: u64, decision: Decision) -> anyhow::Result<()> {
+        self.fp.syn_verdicts.insert(key, decision, 0)?;
+        Ok(())
+    }
+
+    /// Puts a verdict under a kernel ClientHello key.
+    pub fn set_hello_verdict(&mut self, key: u64, decision: Decision) -> anyhow::Result<()> {
+        self.fp.hello_verdicts.insert(key, decision, 0)?;
+        Ok(())
+    }
+
+    pub fn syn_verdict(&self, key: u64) -> Option<Decision> {
+        self.fp.syn_verdicts.get(&key, 0).ok()
+    }
+
+    /// The kernel's state of a tracked flow.
+    pub fn flow(&self, tuple: &FlowTuple) -> Option<FlowState> {
+        self.fp.flows.get(tuple, 0).ok()
+    }
+
+    /// Every event waiting in the ring buffer, decoded (an undecodable record fails the call).
+    pub fn drain_events(&mut self) -> anyhow::Result<Vec<Event>> {
+        let mut out = Vec::new();
+        while let Some(record) = self.fp.events.next() {
+            out.push(events::decode(&record)?);
+        }
+        Ok(out)
     }
 }

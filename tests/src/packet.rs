@@ -339,3 +339,198 @@ impl Frame {
         )
     }
 }
+
+// ---- Hand-made TCP segments: every header field and the raw options under the test's control ----
+
+/// TCP flag bits.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// A TCP segment built byte by byte (no etherparse: the options are raw bytes, malformed ones included).
+/// The IP header is plain (no options); add IPv4 options or IPv6 extension headers with [`with_ipv4_options`]
+/// and [`with_ipv6_ext_headers`] on [`Segment::ip_packet`]. The TCP checksum is left 0 (nothing checks it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub urgent: u16,
+    /// Raw options; padded with zero bytes to a multiple of 4 unless `data_offset` is set.
+    pub options: Vec<u8>,
+    /// The data-offset nibble (32-bit words) when not derived from `options`.
+    pub data_offset: Option<u8>,
+    pub payload: Vec<u8>,
+    pub ttl: u8,
+    /// IPv4 TOS / IPv6 traffic class (the low two bits are ECN).
+    pub tos: u8,
+    /// IPv4 identification.
+    pub ip_id: u16,
+    /// IPv4 flags: bit 0x4000 DF, 0x8000 reserved.
+    pub ip_flags: u16,
+    /// IPv6 flow label (20 bits).
+    pub flow_label: u32,
+}
+
+impl Segment {
+    /// A SYN with no options, DF set, a non-zero IP ID and ISN 1000.
+    pub fn syn(src: &str, dst: &str, dst_port: u16) -> Self {
+        Self {
+            src: src.parse().expect("valid source address"),
+            dst: dst.parse().expect("valid destination address"),
+            src_port: 40000,
+            dst_port,
+            seq: 1000,
+            ack: 0,
+            flags: tcp_flag::SYN,
+            window: 64240,
+            urgent: 0,
+            options: Vec::new(),
+            data_offset: None,
+            payload: Vec::new(),
+            ttl: 64,
+            tos: 0,
+            ip_id: 0x1234,
+            ip_flags: 0x4000,
+            flow_label: 0,
+        }
+    }
+
+    /// The segment of the same flow carrying `payload` at stream offset `offset` (ISN = this SYN's seq).
+    pub fn data(&self, offset: u32, payload: &[u8]) -> Self {
+        Self {
+            seq: self.seq.wrapping_add(1).wrapping_add(offset),
+            ack: 5001,
+            flags: tcp_flag::ACK | tcp_flag::PSH,
+            options: Vec::new(),
+            data_offset: None,
+            payload: payload.to_vec(),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_options(mut self, options: &[u8]) -> Self {
+        self.options = options.to_vec();
+        self
+    }
+
+    pub fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    pub fn with_src_port(mut self, port: u16) -> Self {
+        self.src_port = port;
+        self
+    }
+
+    /// The TCP header and payload.
+    pub fn tcp_bytes(&self) -> Vec<u8> {
+        let mut options = self.options.clone();
+        let data_offset = match self.data_offset {
+            Some(d) => d,
+            None => {
+                while !options.len().is_multiple_of(4) {
+                    options.push(0);
+                }
+                assert!(options.len() <= 40, "TCP options are at most 40 bytes");
+                (5 + options.len() / 4) as u8
+            }
+        };
+        let mut out = Vec::with_capacity(20 + options.len() + self.payload.len());
+        out.extend_from_slice(&self.src_port.to_be_bytes());
+        out.extend_from_slice(&self.dst_port.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.ack.to_be_bytes());
+        out.push(data_offset << 4);
+        out.push(self.flags);
+        out.extend_from_slice(&self.window.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.urgent.to_be_bytes());
+        out.extend_from_slice(&options);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// The IP packet (plain IPv4 or IPv6 header + TCP).
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let tcp = self.tcp_bytes();
+        let mut out = Vec::with_capacity(40 + tcp.len());
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                out.push(0x45);
+                out.push(self.tos);
+                out.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+                out.extend_from_slice(&self.ip_id.to_be_bytes());
+                out.extend_from_slice(&self.ip_flags.to_be_bytes());
+                out.push(self.ttl);
+                out.push(IPPROTO_TCP);
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&s.octets());
+                out.extend_from_slice(&d.octets());
+                fix_ipv4_checksum(&mut out);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let word = (6u32 << 28) | ((self.tos as u32) << 20) | (self.flow_label & 0xf_ffff);
+                out.extend_from_slice(&word.to_be_bytes());
+                out.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+                out.push(IPPROTO_TCP);
+                out.push(self.ttl);
+                out.extend_from_slice(&s.octets());
+                out.extend_from_slice(&d.octets());
+            }
+            _ => panic!("source and destination must be of the same family"),
+        }
+        out.extend_from_slice(&tcp);
+        out
+    }
+
+    pub fn ether_type(&self) -> u16 {
+        if self.src.is_ipv4() {
+            ETH_P_IPV4
+        } else {
+            ETH_P_IPV6
+        }
+    }
+
+    /// The whole Ethernet frame.
+    pub fn build(&self) -> Vec<u8> {
+        ethernet(&[], self.ether_type(), &self.ip_packet())
+    }
+
+    /// The frame's flow as the kernel keys it (`FLOWS`, events).
+    pub fn tuple(&self) -> detector_common::FlowTuple {
+        let key = |a: IpAddr| match a {
+            IpAddr::V4(v4) => detector_common::AddrKey::from_v4(v4.octets()),
+            IpAddr::V6(v6) => detector_common::AddrKey::from_v6(v6.octets()),
+        };
+        detector_common::FlowTuple {
+            src: key(self.src),
+            dst: key(self.dst),
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `frame` padded with `fill` bytes to at least the 60-byte Ethernet minimum (padding after the IP packet).
+pub fn with_ethernet_padding(mut frame: Vec<u8>, fill: u8) -> Vec<u8> {
+    if frame.len() < 60 {
+        frame.resize(60, fill);
+    }
+    frame
+}

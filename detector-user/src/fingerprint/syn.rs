@@ -1,7 +1,7 @@
 //! The SYN signature from raw IPv4/IPv6 + TCP bytes into [`detector_common::SynSignature`], and its p0f text
 //! form `ver:ittl:olen:mss:wsize,scale:olayout:quirks:pclass`.
 //!
-//! The kernel (`detector-ebpf/src/syn.rs`) fills the same struct from live SYNs and verdicts are stored under
+//! The kernel (`detector-ebpf/src/tcp.rs`) fills the same struct from live SYNs and verdicts are stored under
 //! its [`SynSignature::key`], so this parser follows the kernel's reading byte for byte wherever it differs
 //! from p0f 3.09b's `process.c`:
 //! - `ecn` comes from the IP ECN bits or TCP ECE/CWR; p0f also counts the NS/AE bit (byte 12, bit 0), the
@@ -10,11 +10,13 @@
 //!   bug: `RD32(tcp->ack) & !(flags & RST)`).
 //! - Options: a non-NOP/EOL option needs a length byte `>= 2` that stays inside the options area, else `bad`
 //!   and the walk stops. MSS/WS/TS with a length other than 4/3/10 are `bad` and their value is not taken (p0f
-//!   takes it and assumes the standard size). Only the first [`SYN_MAX_OPTIONS`] kinds are kept (p0f keeps 24).
+//!   takes it and assumes the standard size). Only the first [`SYN_MAX_OPTIONS`] kinds are kept (p0f keeps 24),
+//!   and at most [`SYN_MAX_OPTIONS_WALKED`] options are walked (the kernel's loop bound): a 21st option (only
+//!   NOP padding gets there) is `bad` and ends the walk.
 //! - IPv6 extension headers (hop-by-hop, routing, destination options, fragment, AH) are skipped, as the kernel
 //!   does; p0f ignores IPv6 packets with extension headers. Non-first fragments carry no TCP header.
-//! - The payload flag (`pclass`) uses the IP length, so Ethernet padding is never payload. (The kernel uses
-//!   the frame length, which counts the padding of a < 60-byte frame as payload — reported to the lead.)
+//! - The payload flag (`pclass`) uses the IP length, so Ethernet padding is never payload (as in the kernel).
+//!   Bytes present past the IP length (padding) still count as present for the options walk, as in the kernel.
 //!
 //! The text form follows p0f's `dump_sig`: the TTL as `observed+distance` (`+?` past 35 hops), the window as
 //! `mss*N` / `mtu*N` when p0f's `detect_win_multi` finds a multiple, quirks in p0f's order.
@@ -22,7 +24,9 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use detector_common::syn::{SYN_MAX_OPTIONS, SynSignature, initial_ttl, option_kind, quirk};
+use detector_common::syn::{
+    SYN_MAX_OPTIONS, SYN_MAX_OPTIONS_WALKED, SynSignature, initial_ttl, option_kind, quirk,
+};
 
 /// p0f's `MAX_DIST`: more hops than this from the guessed initial TTL is implausible.
 pub const MAX_DIST: u8 = 35;
@@ -226,7 +230,13 @@ pub fn parse_ip_tcp(ip: &[u8]) -> Result<TcpSyn, SynError> {
 fn read_options(tcp: &[u8], options_end: usize, sig: &mut SynSignature) {
     let byte = |i: usize| tcp.get(i).copied();
     let mut o = 20usize;
+    let mut walked = 0usize;
     while o < options_end {
+        if walked == SYN_MAX_OPTIONS_WALKED {
+            sig.quirks |= quirk::BAD;
+            return;
+        }
+        walked += 1;
         let Some(kind) = byte(o) else {
             sig.quirks |= quirk::BAD;
             return;
@@ -511,5 +521,38 @@ mod tests {
         p[32] = 0xf0;
         let syn = parse_ip_tcp(&p[..60]).unwrap();
         assert_ne!(syn.signature.quirks & quirk::BAD, 0);
+    }
+
+    #[test]
+    fn at_most_twenty_options_are_walked() {
+        // The macOS SYN's 24-byte options area refilled: `n` NOPs, then MSS when `mss`, then EOL padding.
+        let with_nops = |n: usize, mss: bool| {
+            let mut p = MACOS_SYN;
+            let area = &mut p[40..64];
+            area.fill(0);
+            area[..n].fill(option_kind::NOP);
+            if mss {
+                area[n..n + 4].copy_from_slice(&[2, 4, 5, 0xb4]);
+            }
+            parse_ip_tcp(&p).unwrap().signature
+        };
+        // 19 NOPs + EOL: 20 options, fine (the EOL ends the walk with 4 bytes of padding).
+        let sig = with_nops(19, false);
+        assert_eq!(sig.quirks & quirk::BAD, 0);
+        assert_eq!(sig.option_count as usize, SYN_MAX_OPTIONS);
+        assert_eq!(sig.eol_pad, 4);
+        // 19 NOPs + MSS + EOL, 20 NOPs + MSS: the 21st option is past the walk's bound.
+        let sig = with_nops(19, true);
+        assert_ne!(sig.quirks & quirk::BAD, 0);
+        assert_eq!((sig.mss, sig.eol_pad), (1460, 0));
+        let sig = with_nops(20, true);
+        assert_ne!(sig.quirks & quirk::BAD, 0);
+        assert_eq!(sig.mss, 0);
+        // 24 NOPs: the same.
+        assert_ne!(with_nops(24, false).quirks & quirk::BAD, 0);
+        // 16 NOPs + MSS + EOL: 18 options, all walked (16 recorded), the MSS read.
+        let sig = with_nops(16, true);
+        assert_eq!(sig.quirks & quirk::BAD, 0);
+        assert_eq!(sig.mss, 1460);
     }
 }
