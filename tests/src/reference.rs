@@ -23,6 +23,14 @@
 //! - the limiter: one GCRA state per source (shared by every rate class), a new source starting at "now", the
 //!   packet limit checked before the connection limit (SYN without ACK), and a packet dropped by the connection
 //!   limit not consuming a packet token;
+//! - the TCP program (`aqd_tcp`), reached by TCP packets to protected ports whose whole 20-byte header is in
+//!   the frame: a SYN (without ACK) is looked up in the SYN-signature verdicts under the key userspace computes
+//!   for it (`detector_user::fingerprint::syn::parse_ip_tcp`, the kernel's twin): block → [`Reason::DropSynFingerprint`]
+//!   before the limits; throttle → the verdict's rate class (unless the source's decision has one) and
+//!   [`Reason::PassThrottled`]; monitor → [`Reason::PassMonitor`] instead of a default pass. A SYN that passes
+//!   starts a flow (keyed by addresses and ports) carrying a throttle verdict's class; the flow's later packets
+//!   are throttled by it the same way, and FIN or RST (if not dropped by the limits) ends the flow. Capture and
+//!   ClientHello keys are not modelled (the differential test runs with capture off);
 //! - the address mapping of `detector_common::addr`: IPv4 lives IPv4-mapped (`::ffff:a.b.c.d`) in one 128-bit
 //!   space, so an IPv6 source `::ffff:a.b.c.d` *is* the IPv4 source `a.b.c.d` for every rule and limiter, and
 //!   an IPv6 prefix covering `::ffff:0:0/96` covers IPv4 sources.
@@ -45,6 +53,7 @@ use std::{
 };
 
 use detector_common::{Action, Bucket, MAX_EXPIRED_PREFIX_STEPS, RateClass, Reason, capacity};
+use detector_user::fingerprint::syn::parse_ip_tcp;
 use etherparse::{
     EtherType, Ethernet2HeaderSlice, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice, SingleVlanHeaderSlice,
 };
@@ -77,6 +86,8 @@ pub enum Transport {
         dst_port: u16,
         /// A TCP SYN without ACK (or a TCP header cut off before its flags): a new connection.
         new_connection: bool,
+        /// TCP with its whole 20-byte header in the frame: what the TCP program sees.
+        tcp: Option<Tcp>,
     },
     NoPorts {
         /// The transport protocol; `None` when the parser could not tell (an IPv6 extension chain cut off or
@@ -107,6 +118,16 @@ impl Transport {
             }
         )
     }
+}
+
+/// A TCP packet as the TCP program sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tcp {
+    pub flags: u8,
+    /// The flow: source, destination (IPv4-mapped in the one key space), source and destination port.
+    pub flow: (u128, u128, u16, u16),
+    /// The SYN signature's key, when userspace's parser reads the packet.
+    pub syn_key: Option<u64>,
 }
 
 /// Parses a frame the way the contract of `detector-ebpf/src/parse.rs` says.
@@ -145,11 +166,17 @@ fn ipv4(packet: &[u8]) -> Parsed {
     let src = IpAddr::V4(ip.source_addr());
     let proto = ip.protocol().0;
     // Only the first fragment (offset 0; the MF flag does not matter) carries the transport header.
-    let transport = if ip.fragments_offset().value() == 0 {
+    let mut transport = if ip.fragments_offset().value() == 0 {
         transport(proto, &packet[ip.slice().len()..])
     } else {
         Transport::NoPorts { proto: Some(proto) }
     };
+    with_tcp_flow(
+        &mut transport,
+        packet,
+        key_of(src),
+        key_of(IpAddr::V4(ip.destination_addr())),
+    );
     Parsed::Ip { src, transport }
 }
 
@@ -158,10 +185,13 @@ fn ipv6(packet: &[u8]) -> Parsed {
     let Ok(ip) = Ipv6HeaderSlice::from_slice(packet) else {
         return Parsed::Malformed;
     };
-    Parsed::Ip {
-        src: fold_v4_mapped(ip.source_addr()),
-        transport: ipv6_transport(ip.next_header().0, &packet[ip.slice().len()..]),
-    }
+    let mut transport = ipv6_transport(ip.next_header().0, &packet[ip.slice().len()..]);
+    let (src, dst) = (
+        fold_v4_mapped(ip.source_addr()),
+        fold_v4_mapped(ip.destination_addr()),
+    );
+    with_tcp_flow(&mut transport, packet, key_of(src), key_of(dst));
+    Parsed::Ip { src, transport }
 }
 
 fn is_ipv6_ext(proto: u8) -> bool {
@@ -229,9 +259,15 @@ fn transport(proto: u8, l4: &[u8]) -> Transport {
                 Some(flags) => flags & 0x02 != 0 && flags & 0x10 == 0,
                 None => true,
             };
+            let tcp = (l4.len() >= 20).then(|| Tcp {
+                flags: l4[13],
+                flow: (0, 0, u16::from_be_bytes([ports[0], ports[1]]), 0),
+                syn_key: None,
+            });
             Transport::Ports {
                 dst_port: u16::from_be_bytes([ports[2], ports[3]]),
                 new_connection,
+                tcp,
             }
         }
         // Ports only from a complete UDP header.
@@ -239,10 +275,26 @@ fn transport(proto: u8, l4: &[u8]) -> Transport {
             Some(udp) => Transport::Ports {
                 dst_port: u16::from_be_bytes([udp[2], udp[3]]),
                 new_connection: false,
+                tcp: None,
             },
             None => no_ports,
         },
         _ => no_ports,
+    }
+}
+
+/// Completes a whole TCP header's flow (addresses, destination port) and, for a SYN, its signature key.
+fn with_tcp_flow(transport: &mut Transport, ip_packet: &[u8], src: u128, dst: u128) {
+    if let Transport::Ports {
+        dst_port,
+        tcp: Some(tcp),
+        ..
+    } = transport
+    {
+        tcp.flow = (src, dst, tcp.flow.2, *dst_port);
+        if tcp.flags & 0x12 == 0x02 {
+            tcp.syn_key = parse_ip_tcp(ip_packet).ok().map(|t| t.signature.key());
+        }
     }
 }
 
@@ -319,6 +371,10 @@ pub struct Reference {
     rate_classes: Vec<RateClass>,
     protected_ports: Vec<u16>,
     buckets: HashMap<IpAddr, Bucket>,
+    /// Verdicts by SYN signature key.
+    syn_verdicts: HashMap<u64, RefDecision>,
+    /// Flows started by a SYN that passed: (action, rate class) of the verdict they carry.
+    flows: HashMap<(u128, u128, u16, u16), (u8, u8)>,
 }
 
 fn live(expires_ns: u64, now: u64) -> bool {
@@ -335,6 +391,8 @@ impl Reference {
             rate_classes: vec![RateClass::UNLIMITED; capacity::RATE_CLASSES as usize],
             protected_ports: Vec::new(),
             buckets: HashMap::new(),
+            syn_verdicts: HashMap::new(),
+            flows: HashMap::new(),
         }
     }
 
@@ -392,6 +450,16 @@ impl Reference {
         self.protected_ports = ports.to_vec();
     }
 
+    /// Adds or replaces the verdict for a SYN signature key.
+    pub fn syn_verdict_put(&mut self, key: u64, decision: RefDecision) {
+        self.syn_verdicts.insert(key, decision);
+    }
+
+    /// Flows being tracked.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
     /// The reason the program must give for `frame` at the current time; updates the limiter state.
     pub fn classify(&mut self, frame: &[u8]) -> Reason {
         let (src, transport) = match parse(frame) {
@@ -434,13 +502,82 @@ impl Reference {
         if !transport.limited(&self.protected_ports) {
             return pass_reason;
         }
-        let Some(limits) = self.rate_classes.get(class).copied() else {
-            return pass_reason;
-        };
-        match self.rate_limit(src, limits, transport.new_connection()) {
-            Some(drop) => drop,
-            None => pass_reason,
+        if let Transport::Ports { tcp: Some(tcp), .. } = transport {
+            return self.tcp(src, tcp, class, pass_reason);
         }
+        self.limit(src, class, transport.new_connection())
+            .unwrap_or(pass_reason)
+    }
+
+    /// The limits of `class` (none for a class past the table).
+    fn limit(&mut self, src: IpAddr, class: usize, new_connection: bool) -> Option<Reason> {
+        let limits = self.rate_classes.get(class).copied()?;
+        self.rate_limit(src, limits, new_connection)
+    }
+
+    /// The TCP program: SYN-signature verdicts, flows and the limits.
+    fn tcp(&mut self, src: IpAddr, tcp: Tcp, class: usize, pass: Reason) -> Reason {
+        let throttled = |r: Reason| match r {
+            Reason::PassDefault | Reason::PassMonitor => Reason::PassThrottled,
+            other => other,
+        };
+        let mut class = class;
+        let mut reason = pass;
+        if tcp.flags & 0x12 == 0x02 {
+            let verdict = tcp
+                .syn_key
+                .and_then(|k| self.syn_verdicts.get(&k).copied())
+                .filter(|d| live(d.expires_ns, self.now));
+            let mut throttle = false;
+            if let Some(d) = verdict {
+                match Action::from_u8(d.action) {
+                    Some(Action::Block) => reason = Reason::DropSynFingerprint,
+                    Some(Action::Throttle) => {
+                        if class == 0 {
+                            class = d.rate_class as usize;
+                        }
+                        reason = throttled(reason);
+                        throttle = true;
+                    }
+                    Some(Action::Monitor) if reason == Reason::PassDefault => reason = Reason::PassMonitor,
+                    _ => {}
+                }
+            }
+            if reason.verdict() == detector_common::Verdict::Pass {
+                if let Some(drop) = self.limit(src, class, true) {
+                    reason = drop;
+                }
+            }
+            if reason.verdict() == detector_common::Verdict::Pass {
+                let state = if throttle {
+                    (Action::Throttle as u8, class as u8)
+                } else {
+                    (0, 0)
+                };
+                self.flows.insert(tcp.flow, state);
+            }
+            return reason;
+        }
+        let flow = self.flows.get(&tcp.flow).copied();
+        if let Some((action, flow_class)) = flow {
+            match Action::from_u8(action) {
+                Some(Action::Block) => return Reason::DropFlowFingerprint,
+                Some(Action::Throttle) => {
+                    if class == 0 {
+                        class = flow_class as usize;
+                    }
+                    reason = throttled(reason);
+                }
+                _ => {}
+            }
+        }
+        if let Some(drop) = self.limit(src, class, false) {
+            return drop;
+        }
+        if flow.is_some() && tcp.flags & 0x05 != 0 {
+            self.flows.remove(&tcp.flow);
+        }
+        reason
     }
 
     fn list_hit(&self, list: ListKind, src: IpAddr) -> Option<ListHit> {
@@ -588,10 +725,15 @@ pub fn describe(parsed: &Parsed) -> String {
                 Transport::Ports {
                     dst_port,
                     new_connection,
+                    tcp,
                 },
         } => format!(
-            "src {src}, dst port {dst_port}{}",
-            if new_connection { ", new connection" } else { "" }
+            "src {src}, dst port {dst_port}{}{}",
+            if new_connection { ", new connection" } else { "" },
+            match tcp {
+                Some(t) => format!(", TCP flags {:#04x}, SYN key {:?}", t.flags, t.syn_key),
+                None => String::new(),
+            }
         ),
     }
 }

@@ -3,7 +3,10 @@
 //! `AQD_DIFF_PACKETS` (default 100 000) random and mutated frames, with random allow/deny lists, decisions and
 //! rate classes that change and expire while the test clock moves. After every packet the two limiter states of
 //! its source must agree as well, so a token taken on one side only is caught at the packet that took it, not
-//! thousands of packets later. Every [`Reason`] must occur in the run, or it proves nothing about that branch.
+//! thousands of packets later. Every [`Reason`] must occur in the run, or it proves nothing about that branch —
+//! except the two of the ClientHello path, which the reference does not model (see `NOT_MODELLED`). SYN-signature
+//! verdicts are installed for the signatures the generated SYNs have most often, so the TCP program's verdicts
+//! and flows (throttled flows) are compared too.
 //!
 //! Seeded and reproducible: the seed is printed; `AQD_DIFF_SEED=<u64>` replays a run, `AQD_DIFF_SEED=random` picks
 //! a new one (the default is fixed, so CI is deterministic). Everything random comes
@@ -34,6 +37,9 @@ const PROTECTED_PORTS: [u16; 2] = [443, 8443];
 /// The seed CI runs (any seed must pass; this one is known to exercise every reason).
 const DEFAULT_SEED: u64 = 1;
 const DEFAULT_PACKETS: u64 = 100_000;
+/// Reasons this test cannot reach: they need the ClientHello path (capture on, `HELLO_VERDICTS`), which the
+/// reference does not model. `kernel_fingerprint.rs` and `counters_add_up_over_a_mixed_run` cover them.
+const NOT_MODELLED: [Reason; 2] = [Reason::DropHelloFingerprint, Reason::DropFlowFingerprint];
 /// The clock moves in whole microseconds, and so do expiries: an entry expiring exactly "now" does happen.
 const US: u64 = 1_000;
 
@@ -111,6 +117,55 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
         };
         both.decision_put(IpNet::from(IpAddr::V4(pool.anchors[i])), decision)?;
         both.decision_put(decision_scope(IpAddr::V4(pool.anchors[3 + 2 * i])), decision)?;
+    }
+    // SYN-signature verdicts on the signatures the generated SYNs have most often (sampled from an RNG of their
+    // own, so the packet sequence of a seed does not change): a permanent throttle, monitor and block, then
+    // random ones that expire during the run.
+    let mut sample_rng = SmallRng::seed_from_u64(seed ^ 0x5151_5151);
+    let mut counts: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for _ in 0..3000 {
+        let src = pool.source(&mut sample_rng);
+        let shape = Shape {
+            kind: SHAPE_SYN,
+            dst_port: 443,
+        };
+        if let reference::Parsed::Ip {
+            transport:
+                reference::Transport::Ports {
+                    tcp:
+                        Some(reference::Tcp {
+                            syn_key: Some(key), ..
+                        }),
+                    ..
+                },
+            ..
+        } = reference::parse(&build_frame(&mut sample_rng, src, Some(shape)).bytes)
+        {
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    let mut common: Vec<(usize, u64)> = counts.into_iter().map(|(key, n)| (n, key)).collect();
+    common.sort_unstable_by(|a, b| b.cmp(a));
+    for (i, &(_, key)) in common.iter().take(16).enumerate() {
+        let decision = match i {
+            0 => RefDecision {
+                action: 2,
+                rate_class: 1,
+                expires_ns: 0,
+            },
+            1 => RefDecision {
+                action: 1,
+                rate_class: 0,
+                expires_ns: 0,
+            },
+            2 => RefDecision {
+                action: 3,
+                rate_class: 0,
+                expires_ns: 0,
+            },
+            _ => random_decision(&mut sample_rng, START_NS, horizon_us),
+        };
+        both.syn_verdict_put(key, decision)?;
     }
     let setup = started.elapsed();
 
@@ -221,7 +276,7 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
     }
     let missing: Vec<&str> = Reason::ALL
         .iter()
-        .filter(|r| seen[**r as usize] == 0)
+        .filter(|r| seen[**r as usize] == 0 && !NOT_MODELLED.contains(r))
         .map(|r| r.name())
         .collect();
     if !missing.is_empty() {
@@ -289,6 +344,21 @@ impl Both {
     fn decision_remove(&mut self, net: IpNet) -> anyhow::Result<()> {
         self.kernel.maps.decision_remove(net)?;
         self.model.decision_remove(net);
+        Ok(())
+    }
+
+    fn syn_verdict_put(&mut self, key: u64, d: RefDecision) -> anyhow::Result<()> {
+        let decision = Decision {
+            expires_ns: d.expires_ns,
+            hits: 0,
+            action: d.action,
+            rate_class: d.rate_class,
+            reason: 0,
+            origin: Origin::Cli as u8,
+            _pad: [0; 3],
+        };
+        self.kernel.set_syn_verdict(key, decision)?;
+        self.model.syn_verdict_put(key, d);
         Ok(())
     }
 
