@@ -23,6 +23,10 @@ use crate::{
 pub const DEFAULT_MAX_FLOWS: usize = detector_common::capacity::FLOWS as usize;
 /// Client bursts of a TLS connection that are handshake, not requests: the ClientHello and the Finished.
 const TLS_HANDSHAKE_BURSTS: u32 = 2;
+/// The client's second flight in TLS 1.3 (ChangeCipherSpec + Finished, ~80 bytes; more with a client
+/// certificate) is often sent together with the first request: a second burst larger than this carries one,
+/// and counts as a request of its size less this much.
+const TLS_CLIENT_FINISHED_MAX: u64 = 160;
 
 #[derive(Clone, Debug)]
 struct FlowRecord {
@@ -181,16 +185,22 @@ impl ObservationFeed {
             return;
         };
         record.last_ns = activity.end_ns;
+        let mut bytes = activity.bytes;
         if record.tls && activity.requests <= TLS_HANDSHAKE_BURSTS {
-            self.stats.handshake_bursts_skipped += 1;
-            return;
+            // The ClientHello never is a request; the second flight is one only when it carries more than the
+            // handshake's end (a client sending its request right after Finished, as curl does).
+            if activity.requests < TLS_HANDSHAKE_BURSTS || bytes <= TLS_CLIENT_FINISHED_MAX {
+                self.stats.handshake_bursts_skipped += 1;
+                return;
+            }
+            bytes -= TLS_CLIENT_FINISHED_MAX / 2;
         }
         let observation = Observation::Request {
             time_ns: activity.start_ns,
             src: record.src,
             flow: id,
             fp: record.fp,
-            bytes: activity.bytes.min(u32::MAX as u64) as u32,
+            bytes: bytes.min(u32::MAX as u64) as u32,
             packets: activity.packets.min(u16::MAX as u32) as u16,
         };
         self.emit(model, observation);
@@ -284,7 +294,12 @@ mod tests {
             },
         );
         for n in 1..=5 {
-            feed.on_event(&mut model, &Event::Request(activity(f, 10_000 * n as u64, n)));
+            // The second burst is a bare Finished here (small): not a request.
+            let mut a = activity(f, 10_000 * n as u64, n);
+            if n == 2 {
+                a.bytes = 80;
+            }
+            feed.on_event(&mut model, &Event::Request(a));
         }
         feed.on_event(&mut model, &Event::FlowEnd(activity(f, 90_000, 5)));
         let stats = feed.stats();
@@ -292,6 +307,30 @@ mod tests {
         assert_eq!(stats.observations, 5);
         assert_eq!(stats.handshake_bursts_skipped, 2);
         assert_eq!(feed.tracked_flows(), 0);
+    }
+
+    #[test]
+    fn a_request_sent_with_the_finished_counts() {
+        let mut model = Model::new(ModelConfig::default());
+        let mut feed = ObservationFeed::new(16);
+        let f = flow("198.51.100.7", 40001);
+        feed.on_event(&mut model, &conn(f, 1_000));
+        let hello = Event::Payload {
+            time_ns: 2_000,
+            flow: f,
+            stream_offset: 0,
+            segment_len: 3,
+            hello_key: 0,
+            hello_status: 0,
+            action: 0,
+            data: vec![0x16, 0x03, 0x01],
+        };
+        feed.on_event(&mut model, &hello);
+        feed.on_event(&mut model, &Event::Request(activity(f, 10_000, 1)));
+        // Finished + a 900-byte request in one flight.
+        feed.on_event(&mut model, &Event::Request(activity(f, 20_000, 2)));
+        assert_eq!(feed.stats().handshake_bursts_skipped, 1);
+        assert_eq!(feed.stats().observations, 2);
     }
 
     #[test]
