@@ -2,9 +2,11 @@
 //!
 //! The eBPF crate is built by Debian's packaged Rust (`rustc-web`, with a precompiled `core` for
 //! `bpfel-unknown-none` in `libstd-rust-web-dev-bpf`) and linked by bpf-linker built against Debian's LLVM 22 —
-//! the same LLVM major as that rustc (see the README's toolchain note). The check only asks `dpkg-query` and
-//! `bpf-linker --version`, so it is near-instant when everything is present; installing runs `apt-get` (root)
-//! and `cargo install`. When it cannot install, it stops with the exact commands to run.
+//! the same LLVM major as that rustc (see the README's toolchain note). The fuzz targets (`fuzz/`) need
+//! rustup's nightly toolchain and cargo-fuzz. The check only asks `dpkg-query`, `bpf-linker --version`,
+//! `rustup toolchain list` and `cargo-fuzz --version`, so it is near-instant when everything is present;
+//! installing runs `apt-get` (root), `rustup toolchain install` and `cargo install`. When it cannot install, it
+//! stops with the exact commands to run.
 
 use std::{
     collections::HashMap,
@@ -23,6 +25,11 @@ use crate::util;
 pub const RUST_WEB_VERSION: &str = "1.96.0+dfsg1-1~deb12u2";
 /// bpf-linker release, built with `--features llvm-22` against Debian's llvm-22-dev.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz release that `cargo xtask test` runs the fuzz targets with (on rustup's nightly toolchain).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The nightly the fuzz targets build with: dated, so a new nightly cannot break the test command overnight
+/// (this one built and ran them here).
+pub const NIGHTLY_TOOLCHAIN: &str = "nightly-2026-05-19";
 /// Where llvm-22-dev puts `llvm-config`, which bpf-linker's build looks for on `PATH`.
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
@@ -91,6 +98,11 @@ const DEB_PACKAGES: &[DebPackage] = &[
         version: None,
         purpose: "the TLS test server and the Python `ssl`/`http.client` client in the fingerprint tests",
     },
+    DebPackage {
+        name: "g++",
+        version: None,
+        purpose: "C++ compiler for libFuzzer (libfuzzer-sys, `cargo fuzz`)",
+    },
 ];
 
 #[derive(Args)]
@@ -139,8 +151,8 @@ pub fn ensure() -> anyhow::Result<()> {
 
 fn report_present(started: Instant) {
     println!(
-        "bootstrap: eBPF toolchain present (rustc-web {RUST_WEB_VERSION}, llvm-22-dev, bpf-linker \
-         {BPF_LINKER_VERSION}; checked in {} ms)",
+        "bootstrap: toolchain present (rustc-web {RUST_WEB_VERSION}, llvm-22-dev, bpf-linker \
+         {BPF_LINKER_VERSION}, nightly, cargo-fuzz {CARGO_FUZZ_VERSION}; checked in {} ms)",
         started.elapsed().as_millis()
     );
 }
@@ -154,6 +166,10 @@ struct Inventory {
     bpf_linker: Option<(PathBuf, Option<String>)>,
     /// rustup is on `PATH` (aya-build runs `rustup run /usr cargo build` for the eBPF crate).
     rustup: bool,
+    /// rustup has the pinned nightly toolchain (`cargo +nightly-… fuzz`).
+    nightly: bool,
+    /// `cargo-fuzz --version` of the cargo-fuzz on `PATH` or in `$CARGO_HOME/bin`, if any.
+    cargo_fuzz: Option<(PathBuf, Option<String>)>,
     /// LLVM major version of Debian's rustc (`/usr/bin/rustc -vV`), when it is installed.
     rust_web_llvm_major: Option<u32>,
 }
@@ -191,6 +207,12 @@ enum Missing {
         found: Option<(PathBuf, Option<String>)>,
     },
     Rustup,
+    /// rustup's nightly toolchain.
+    Nightly,
+    CargoFuzz {
+        /// Path and version of a cargo-fuzz that is not the required one.
+        found: Option<(PathBuf, Option<String>)>,
+    },
 }
 
 impl std::fmt::Display for Missing {
@@ -224,6 +246,18 @@ impl std::fmt::Display for Missing {
                 f,
                 "rustup (aya-build builds the eBPF crate with `rustup run /usr cargo`): not found on PATH"
             ),
+            Missing::Nightly => write!(
+                f,
+                "Rust nightly toolchain (`cargo fuzz` builds with sanitizers): not installed in rustup"
+            ),
+            Missing::CargoFuzz { found } => {
+                write!(f, "cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets): ")?;
+                match found {
+                    Some((path, Some(v))) => write!(f, "{} is version {v}", path.display()),
+                    Some((path, None)) => write!(f, "{} does not report a version", path.display()),
+                    None => write!(f, "not found on PATH or in $CARGO_HOME/bin"),
+                }
+            }
         }
     }
 }
@@ -242,13 +276,23 @@ impl Inventory {
             Err(_) => HashMap::new(),
         };
         let path = util::child_path();
-        let bpf_linker = util::find_in_path("bpf-linker", &path).map(|linker| {
-            let version = Command::new(&linker)
-                .arg("--version")
+        let tool_version = |name: &str| {
+            util::find_in_path(name, &path).map(|tool| {
+                let version = Command::new(&tool)
+                    .arg("--version")
+                    .output()
+                    .ok()
+                    .and_then(|out| parse_tool_version(&String::from_utf8_lossy(&out.stdout), name));
+                (tool, version)
+            })
+        };
+        let rustup = util::find_in_path("rustup", &path);
+        let nightly = rustup.as_ref().is_some_and(|rustup| {
+            Command::new(rustup)
+                .args(["toolchain", "list"])
+                .env("PATH", &path)
                 .output()
-                .ok()
-                .and_then(|out| parse_bpf_linker_version(&String::from_utf8_lossy(&out.stdout)));
-            (linker, version)
+                .is_ok_and(|out| has_nightly(&String::from_utf8_lossy(&out.stdout)))
         });
         let rust_web_llvm_major = Command::new("/usr/bin/rustc")
             .arg("-vV")
@@ -257,8 +301,10 @@ impl Inventory {
             .and_then(|out| parse_llvm_major(&String::from_utf8_lossy(&out.stdout)));
         Inventory {
             packages,
-            bpf_linker,
-            rustup: util::find_in_path("rustup", &path).is_some(),
+            bpf_linker: tool_version("bpf-linker"),
+            rustup: rustup.is_some(),
+            nightly,
+            cargo_fuzz: tool_version("cargo-fuzz"),
             rust_web_llvm_major,
         }
     }
@@ -309,6 +355,15 @@ impl Inventory {
         if !self.rustup {
             missing.push(Missing::Rustup);
         }
+        if !self.nightly {
+            missing.push(Missing::Nightly);
+        }
+        let fuzz_ok = matches!(&self.cargo_fuzz, Some((_, Some(v))) if v == CARGO_FUZZ_VERSION);
+        if !fuzz_ok {
+            missing.push(Missing::CargoFuzz {
+                found: self.cargo_fuzz.clone(),
+            });
+        }
         missing
     }
 }
@@ -338,19 +393,25 @@ fn parse_dpkg_query(output: &str) -> HashMap<String, DpkgEntry> {
         .collect()
 }
 
-/// `bpf-linker 0.13.0` → `0.13.0`.
-fn parse_bpf_linker_version(output: &str) -> Option<String> {
+/// `bpf-linker 0.13.0` → `0.13.0` (for `tool` = `bpf-linker`; likewise `cargo-fuzz 0.13.2`).
+fn parse_tool_version(output: &str, tool: &str) -> Option<String> {
     let line = output.lines().find(|l| !l.trim().is_empty())?;
-    let version = line
-        .trim()
-        .strip_prefix("bpf-linker")?
-        .split_whitespace()
-        .next()?;
+    let version = line.trim().strip_prefix(tool)?.split_whitespace().next()?;
     version
         .chars()
         .next()
         .filter(char::is_ascii_digit)
         .map(|_| version.to_string())
+}
+
+/// Whether `rustup toolchain list` shows [`NIGHTLY_TOOLCHAIN`] (`nightly-2026-05-19-x86_64-unknown-linux-gnu`).
+fn has_nightly(toolchain_list: &str) -> bool {
+    let host_prefix = format!("{NIGHTLY_TOOLCHAIN}-");
+    toolchain_list.lines().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|t| t == NIGHTLY_TOOLCHAIN || t.starts_with(&host_prefix))
+    })
 }
 
 fn deb_spec(name: &str, version: Option<&str>) -> String {
@@ -383,6 +444,28 @@ fn bpf_linker_install_args() -> [&'static str; 8] {
     ]
 }
 
+/// `--no-self-update`: installing a toolchain must not replace rustup itself.
+fn nightly_install_args() -> [&'static str; 6] {
+    [
+        "toolchain",
+        "install",
+        NIGHTLY_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--no-self-update",
+    ]
+}
+
+fn cargo_fuzz_install_args() -> [&'static str; 5] {
+    [
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]
+}
+
 /// The commands that install `missing`, one per line, as a root shell would run them.
 fn commands(missing: &[Missing]) -> Vec<String> {
     let mut lines = Vec::new();
@@ -406,12 +489,18 @@ fn commands(missing: &[Missing]) -> Vec<String> {
                 .into(),
         );
     }
+    if missing.contains(&Missing::Nightly) {
+        lines.push(format!("rustup {}", nightly_install_args().join(" ")));
+    }
+    if missing.iter().any(|m| matches!(m, Missing::CargoFuzz { .. })) {
+        lines.push(format!("cargo {}", cargo_fuzz_install_args().join(" ")));
+    }
     lines
 }
 
 /// The error text when bootstrap cannot (or may not) install: what is missing, why, and the exact commands.
 fn instructions(missing: &[Missing], why: &str) -> String {
-    let mut text = String::from("the eBPF toolchain is incomplete:\n");
+    let mut text = String::from("the eBPF toolchain or the test tools are incomplete:\n");
     for m in missing {
         text.push_str(&format!("  - {m}\n"));
     }
@@ -480,7 +569,7 @@ fn install(missing: &[Missing]) -> anyhow::Result<()> {
     if let Some(why) = cannot_install(missing, Host::detect()) {
         bail!("{}", instructions(missing, &why));
     }
-    util::heading("bootstrap: installing the missing parts of the eBPF toolchain");
+    util::heading("bootstrap: installing the missing parts of the toolchain");
     for m in missing {
         println!("    missing: {m}");
     }
@@ -520,6 +609,25 @@ fn install(missing: &[Missing]) -> anyhow::Result<()> {
             bail!("{}", instructions(missing, &format!("{e:#}")));
         }
     }
+    if missing.contains(&Missing::Nightly) {
+        let mut rustup = Command::new("rustup");
+        rustup
+            .env("PATH", util::child_path())
+            .args(nightly_install_args());
+        util::heading(&util::display(&rustup));
+        if let Err(e) = util::run(&mut rustup) {
+            bail!("{}", instructions(missing, &format!("{e:#}")));
+        }
+    }
+    if missing.iter().any(|m| matches!(m, Missing::CargoFuzz { .. })) {
+        let mut cargo = util::cargo();
+        // Outside the workspace, as for bpf-linker.
+        cargo.current_dir(env::temp_dir()).args(cargo_fuzz_install_args());
+        util::heading(&util::display(&cargo));
+        if let Err(e) = util::run(&mut cargo) {
+            bail!("{}", instructions(missing, &format!("{e:#}")));
+        }
+    }
     Ok(())
 }
 
@@ -540,10 +648,15 @@ mod tests {
             bpf_linker: linker.map(|out| {
                 (
                     PathBuf::from("/root/.cargo/bin/bpf-linker"),
-                    parse_bpf_linker_version(out),
+                    parse_tool_version(out, "bpf-linker"),
                 )
             }),
             rustup: true,
+            nightly: true,
+            cargo_fuzz: Some((
+                PathBuf::from("/root/.cargo/bin/cargo-fuzz"),
+                Some(CARGO_FUZZ_VERSION.into()),
+            )),
             rust_web_llvm_major: None,
         }
     }
@@ -553,7 +666,7 @@ mod tests {
         let dpkg = "llvm-22-dev\tii \t1:22.1.8\nrustc-web\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     cargo-web\tii \t1.96.1+dfsg1-1~deb12u1\nlibstd-rust-web-dev-bpf\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n\
-                    curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\n";
+                    curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\ng++\tii \t4:12.2.0-3\n";
         let mut inv = inventory(dpkg, Some("bpf-linker 0.13.0\n"));
         assert_eq!(
             inv.missing().len(),
@@ -577,21 +690,66 @@ mod tests {
         tcpdump\tii \t4.99.3-1\n\
         curl\tii \t7.88.1-10+deb12u15\n\
         openssl\tii \t3.0.19-1~deb12u2\n\
-        python3\tii \t3.11.2-1+b1\n";
+        python3\tii \t3.11.2-1+b1\n\
+        g++\tii \t4:12.2.0-3\n";
 
     #[test]
     fn bpf_linker_version_is_parsed() {
+        let parse = |out| parse_tool_version(out, "bpf-linker");
+        assert_eq!(parse("bpf-linker 0.13.0\n").as_deref(), Some("0.13.0"));
+        assert_eq!(parse("\nbpf-linker 0.9.14 \n").as_deref(), Some("0.9.14"));
+        assert_eq!(parse("bpf-linker\n"), None);
+        assert_eq!(parse("error: unexpected argument\n"), None);
+        assert_eq!(parse(""), None);
         assert_eq!(
-            parse_bpf_linker_version("bpf-linker 0.13.0\n").as_deref(),
-            Some("0.13.0")
+            parse_tool_version("cargo-fuzz 0.13.2\n", "cargo-fuzz").as_deref(),
+            Some("0.13.2")
+        );
+    }
+
+    #[test]
+    fn nightly_is_found_in_rustup_toolchain_list() {
+        assert!(has_nightly(
+            "stable-x86_64-unknown-linux-gnu (active, default)\nnightly-2026-05-19-x86_64-unknown-linux-gnu\n"
+        ));
+        // Another nightly is not the pinned one.
+        assert!(!has_nightly(
+            "nightly-x86_64-unknown-linux-gnu\nnightly-2026-05-01-x86_64-unknown-linux-gnu\n"
+        ));
+        assert!(!has_nightly(
+            "stable-x86_64-unknown-linux-gnu (default)\n1.95.0-x86_64-unknown-linux-gnu\n"
+        ));
+        assert!(!has_nightly("no installed toolchains\n"));
+    }
+
+    #[test]
+    fn fuzz_tools_are_installed_with_rustup_and_cargo() {
+        let mut inv = inventory(ALL_PRESENT, Some("bpf-linker 0.13.0\n"));
+        inv.nightly = false;
+        inv.cargo_fuzz = Some((
+            PathBuf::from("/root/.cargo/bin/cargo-fuzz"),
+            Some("0.12.0".into()),
+        ));
+        let missing = inv.missing();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(
+            missing[1].to_string().contains("is version 0.12.0"),
+            "{}",
+            missing[1]
         );
         assert_eq!(
-            parse_bpf_linker_version("\nbpf-linker 0.9.14 \n").as_deref(),
-            Some("0.9.14")
+            commands(&missing),
+            vec![
+                format!("rustup toolchain install {NIGHTLY_TOOLCHAIN} --profile minimal --no-self-update"),
+                format!("cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked"),
+            ]
         );
-        assert_eq!(parse_bpf_linker_version("bpf-linker\n"), None);
-        assert_eq!(parse_bpf_linker_version("error: unexpected argument\n"), None);
-        assert_eq!(parse_bpf_linker_version(""), None);
+        let user = Host {
+            root: false,
+            apt: false,
+            llvm_config: false,
+        };
+        assert_eq!(cannot_install(&missing, user), None, "neither needs root nor apt");
     }
 
     #[test]
@@ -654,14 +812,14 @@ mod tests {
             ..Default::default()
         };
         let missing = fresh.missing();
-        assert_eq!(missing.len(), DEB_PACKAGES.len() + 1);
+        assert_eq!(missing.len(), DEB_PACKAGES.len() + 3, "{missing:?}");
         let cmds = commands(&missing);
         assert_eq!(
             cmds[1],
             format!(
                 "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
                  libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump curl openssl \
-                 python3",
+                 python3 g++",
                 v = RUST_WEB_VERSION
             )
         );
@@ -669,6 +827,7 @@ mod tests {
         assert!(text.contains("needs root"), "{text}");
         assert!(text.contains("bpf-linker 0.13.0"), "{text}");
         assert!(text.contains("    apt-get update\n"), "{text}");
+        assert!(text.contains("    cargo install cargo-fuzz --version"), "{text}");
     }
 
     #[test]
