@@ -106,10 +106,10 @@ fn syn(
             _ => {}
         }
     }
-    if reason.verdict() == Verdict::Pass {
-        if let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, clock) {
-            reason = drop;
-        }
+    if reason.verdict() == Verdict::Pass
+        && let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, clock)
+    {
+        reason = drop;
     }
     let isn = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let dropped = reason.verdict() == Verdict::Drop;

@@ -526,10 +526,10 @@ impl DaemonState {
             .collect();
         let explanation = if let Ok(addr) = target.parse::<std::net::IpAddr>() {
             let mut e = model.explain_source(addr, now, &protected);
-            if allowlisted(addr) {
-                if let Some(e) = e.as_mut() {
-                    e.why_not_blocked = Some("allowlisted or in a management network: never decided".into());
-                }
+            if allowlisted(addr)
+                && let Some(e) = e.as_mut()
+            {
+                e.why_not_blocked = Some("allowlisted or in a management network: never decided".into());
             }
             e
         } else if let Ok(net) = target.parse::<IpNet>() {
@@ -825,7 +825,7 @@ impl DaemonState {
             }
             rows.push((0, row));
         }
-        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
         Value::Array(rows.into_iter().map(|(_, r)| r).collect())
     }
 

@@ -171,7 +171,11 @@ impl ModelStage {
         }
         // The kernel keeps a short reason code per decision (a small shared table): the scope and tier only;
         // the full reason (score and contributions) is in the log and in `aqd explain`.
-        let short_reason = format!("model: {} {}", action_name(decision.action), scope_kind(&decision.scope));
+        let short_reason = format!(
+            "model: {} {}",
+            action_name(decision.action),
+            scope_kind(&decision.scope)
+        );
         let result = match &decision.scope {
             Scope::Source(addr) => enforcer
                 .decide(&DecisionRequest {

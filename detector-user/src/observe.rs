@@ -147,10 +147,13 @@ impl ObservationFeed {
                 ..
             } => {
                 // A TLS record (handshake, TLS 1.x) at the start of the stream.
-                if *stream_offset == 0 && data.len() >= 2 && data[0] == 0x16 && data[1] == 0x03 {
-                    if let Some(record) = self.flows.get_mut(&flow_id(flow)) {
-                        record.tls = true;
-                    }
+                if *stream_offset == 0
+                    && data.len() >= 2
+                    && data[0] == 0x16
+                    && data[1] == 0x03
+                    && let Some(record) = self.flows.get_mut(&flow_id(flow))
+                {
+                    record.tls = true;
                 }
             }
             Event::Request(activity) => self.on_request(model, activity),
@@ -337,10 +340,16 @@ mod tests {
     fn unknown_flows_are_counted_and_the_table_stays_bounded() {
         let mut model = Model::new(ModelConfig::default());
         let mut feed = ObservationFeed::new(8);
-        feed.on_event(&mut model, &Event::Request(activity(flow("198.51.100.9", 1), 5, 3)));
+        feed.on_event(
+            &mut model,
+            &Event::Request(activity(flow("198.51.100.9", 1), 5, 3)),
+        );
         assert_eq!(feed.stats().unknown_flows, 1);
         for i in 0..100u16 {
-            feed.on_event(&mut model, &conn(flow("198.51.100.8", 1000 + i), 1_000 + i as u64));
+            feed.on_event(
+                &mut model,
+                &conn(flow("198.51.100.8", 1000 + i), 1_000 + i as u64),
+            );
         }
         assert!(feed.tracked_flows() <= 8);
         assert!(feed.stats().flows_forgotten > 0);

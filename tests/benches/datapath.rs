@@ -704,17 +704,13 @@ fn configure(load: &mut AqdLoad) -> anyhow::Result<()> {
         test_now_ns: 0,
         request_gap_ns: 0,
     })?;
-    let mut syn_verdicts: aya::maps::HashMap<_, u64, Decision> = aya::maps::HashMap::try_from(
-        load.ebpf
-            .map_mut(map_names::SYN_VERDICTS)
-            .context("SYN_VERDICTS missing")?,
-    )?;
     let block = Decision {
         action: Action::Block as u8,
         origin: Origin::Cli as u8,
         ..Decision::default()
     };
-    syn_verdicts.insert(blocked_syn_key(), block, 0)?;
+    load.maps
+        .verdict_put(detector_user::maps::VerdictMap::Syn, blocked_syn_key(), block)?;
     Ok(())
 }
 

@@ -543,10 +543,10 @@ impl Reference {
                     _ => {}
                 }
             }
-            if reason.verdict() == detector_common::Verdict::Pass {
-                if let Some(drop) = self.limit(src, class, true) {
-                    reason = drop;
-                }
+            if reason.verdict() == detector_common::Verdict::Pass
+                && let Some(drop) = self.limit(src, class, true)
+            {
+                reason = drop;
             }
             if reason.verdict() == detector_common::Verdict::Pass {
                 let state = if throttle {

@@ -527,7 +527,7 @@ fn syn_signature_matches_userspace_for_ip_and_tcp_quirks() {
 #[test]
 fn syn_signature_matches_userspace_for_random_shapes() {
     let mut k = load();
-    let mut rng = SmallRng::seed_from_u64(0x5eed_0f_5111);
+    let mut rng = SmallRng::seed_from_u64(0x005e_ed0f_5111);
     for i in 0..3000 {
         let v6 = rng.gen_bool(0.3);
         let mut options = Vec::new();

@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    hash::{BuildHasher as _, Hash as _, Hasher as _},
+    hash::BuildHasher as _,
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -108,10 +108,8 @@ impl Default for SourceSet {
 
 fn addr_hash(addr: &IpAddr) -> u64 {
     // A fixed-key hasher: the sketch must hash an address the same way every time.
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
-    addr.hash(&mut h);
-    h.finish()
+
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(addr)
 }
 
 impl SourceSet {
@@ -263,16 +261,16 @@ impl FingerprintTable {
         max: usize,
     ) {
         let now = unix_now();
-        if !self.syn.contains_key(&key) && self.syn.len() >= max.max(1) {
-            if let Some(old) = self
+        if !self.syn.contains_key(&key)
+            && self.syn.len() >= max.max(1)
+            && let Some(old) = self
                 .syn
                 .values()
                 .min_by(|a, b| a.last_seen.total_cmp(&b.last_seen))
                 .map(|e| e.key)
-            {
-                self.syn.remove(&old);
-                self.evicted += 1;
-            }
+        {
+            self.syn.remove(&old);
+            self.evicted += 1;
         }
         let entry = self.syn.entry(key).or_insert_with(|| SynEntry {
             key,
