@@ -163,28 +163,7 @@ impl ApiServer {
     pub fn start(lab: &Lab, port: u16, delay: Duration) -> anyhow::Result<Self> {
         let dir = lab.file("api");
         fs::create_dir_all(&dir)?;
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let mut req = Command::new("openssl");
-        req.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-        ])
-        .arg(format!("/CN={SERVER_NAME}"))
-        .arg("-addext")
-        .arg(format!("subjectAltName=DNS:{SERVER_NAME}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert);
-        run_bounded(req, COMMAND_TIMEOUT)?.ok()?;
+        let (cert, key) = crate::tls::self_signed_cert(&dir)?;
         let script = dir.join("server.py");
         fs::write(&script, SERVER_PY)?;
         let log = dir.join("requests.jsonl");
