@@ -111,6 +111,77 @@ pub struct SynSignature {
     pub options: [u8; SYN_MAX_OPTIONS],
 }
 
+/// The p0f quirks of an IPv4 header (its first 20 bytes): df, id+, id-, 0+, ecn. One definition for the kernel
+/// and the offline parser.
+#[inline(always)]
+pub const fn ipv4_quirks(h: &[u8; 20]) -> u32 {
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let id = u16::from_be_bytes([h[4], h[5]]);
+    let mut q = 0;
+    if frag & 0x4000 != 0 {
+        q |= quirk::DF;
+        if id != 0 {
+            q |= quirk::ID_PLUS;
+        }
+    } else if id == 0 {
+        q |= quirk::ID_MINUS;
+    }
+    if frag & 0x8000 != 0 {
+        q |= quirk::ZERO_PLUS;
+    }
+    if h[1] & 0x03 != 0 {
+        q |= quirk::ECN;
+    }
+    q
+}
+
+/// The p0f quirks of an IPv6 header (its first 8 bytes): ecn, flow.
+#[inline(always)]
+pub const fn ipv6_quirks(h: &[u8; 8]) -> u32 {
+    let mut q = 0;
+    if ((h[0] << 4) | (h[1] >> 4)) & 0x03 != 0 {
+        q |= quirk::ECN;
+    }
+    if (h[1] & 0x0f) != 0 || h[2] != 0 || h[3] != 0 {
+        q |= quirk::FLOW;
+    }
+    q
+}
+
+/// The p0f quirks of a TCP header's fixed 20 bytes: seq-, ack+, ack-, urgf+, uptr+, pushf+, ecn (ECE/CWR).
+#[inline(always)]
+pub const fn tcp_quirks(t: &[u8; 20]) -> u32 {
+    const ACK: u8 = 0x10;
+    const URG: u8 = 0x20;
+    const PSH: u8 = 0x08;
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    let flags = t[13];
+    let urgent = u16::from_be_bytes([t[18], t[19]]);
+    let mut q = 0;
+    if seq == 0 {
+        q |= quirk::SEQ_MINUS;
+    }
+    if flags & ACK == 0 && ack != 0 {
+        q |= quirk::ACK_PLUS;
+    }
+    if flags & ACK != 0 && ack == 0 {
+        q |= quirk::ACK_MINUS;
+    }
+    if flags & URG != 0 {
+        q |= quirk::URGF_PLUS;
+    } else if urgent != 0 {
+        q |= quirk::UPTR_PLUS;
+    }
+    if flags & PSH != 0 {
+        q |= quirk::PUSHF_PLUS;
+    }
+    if flags & 0xc0 != 0 {
+        q |= quirk::ECN;
+    }
+    q
+}
+
 /// p0f's initial-TTL guess: the next common starting value at or above the observed TTL.
 pub const fn initial_ttl(ttl: u8) -> u8 {
     match ttl {

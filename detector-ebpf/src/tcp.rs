@@ -15,7 +15,7 @@ use detector_common::{
     Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, ConnEvent,
     EventKind, FlowEvent, FlowState, PROG_INDEX_HELLO, Reason, Scratch, Verdict, capacity,
     flow::{CAPTURE_BYTES, DEFAULT_REQUEST_GAP_NS, HELLO_BUF, flow_flag},
-    syn::{SYN_MAX_OPTIONS, option_kind, quirk},
+    syn::{SYN_MAX_OPTIONS, ipv4_quirks, ipv6_quirks, option_kind, quirk, tcp_quirks},
 };
 
 use crate::{
@@ -30,9 +30,7 @@ use crate::{
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
-const TCP_URG: u8 = 0x20;
 /// The TCP options area is at most 40 bytes.
 const MAX_OPTION_BYTES: usize = 40;
 /// Options walked at most (real stacks send 4–10); more is a `bad` quirk. Userspace applies the same limit
@@ -150,22 +148,7 @@ fn signature(ctx: &XdpContext, scratch: &mut Scratch, tcp: &[u8; 20]) {
         sig.ip_version = 4;
         sig.ttl = h[8];
         sig.ip_opts_len = ((h[0] & 0x0f) * 4).saturating_sub(20);
-        let frag = u16::from_be_bytes([h[6], h[7]]);
-        let id = u16::from_be_bytes([h[4], h[5]]);
-        if frag & 0x4000 != 0 {
-            sig.quirks |= quirk::DF;
-            if id != 0 {
-                sig.quirks |= quirk::ID_PLUS;
-            }
-        } else if id == 0 {
-            sig.quirks |= quirk::ID_MINUS;
-        }
-        if frag & 0x8000 != 0 {
-            sig.quirks |= quirk::ZERO_PLUS;
-        }
-        if h[1] & 0x03 != 0 {
-            sig.quirks |= quirk::ECN;
-        }
+        sig.quirks |= ipv4_quirks(&h);
         l3 + u16::from_be_bytes([h[2], h[3]]) as usize
     } else {
         let Some(h) = read::<[u8; 8]>(ctx, l3) else {
@@ -173,41 +156,13 @@ fn signature(ctx: &XdpContext, scratch: &mut Scratch, tcp: &[u8; 20]) {
         };
         sig.ip_version = 6;
         sig.ttl = h[7];
-        if ((h[0] << 4) | (h[1] >> 4)) & 0x03 != 0 {
-            sig.quirks |= quirk::ECN;
-        }
-        if (h[1] & 0x0f) != 0 || h[2] != 0 || h[3] != 0 {
-            sig.quirks |= quirk::FLOW;
-        }
+        sig.quirks |= ipv6_quirks(&h);
         l3 + 40 + u16::from_be_bytes([h[4], h[5]]) as usize
     };
     let ip_end = if ip_end < frame_len { ip_end } else { frame_len };
 
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-    let flags = tcp[13];
     sig.window = u16::from_be_bytes([tcp[14], tcp[15]]);
-    let urgent = u16::from_be_bytes([tcp[18], tcp[19]]);
-    if seq == 0 {
-        sig.quirks |= quirk::SEQ_MINUS;
-    }
-    if flags & TCP_ACK == 0 && ack != 0 {
-        sig.quirks |= quirk::ACK_PLUS;
-    }
-    if flags & TCP_ACK != 0 && ack == 0 {
-        sig.quirks |= quirk::ACK_MINUS;
-    }
-    if flags & TCP_URG != 0 {
-        sig.quirks |= quirk::URGF_PLUS;
-    } else if urgent != 0 {
-        sig.quirks |= quirk::UPTR_PLUS;
-    }
-    if flags & TCP_PSH != 0 {
-        sig.quirks |= quirk::PUSHF_PLUS;
-    }
-    if flags & 0xc0 != 0 {
-        sig.quirks |= quirk::ECN;
-    }
+    sig.quirks |= tcp_quirks(tcp);
     let data_offset = (tcp[12] >> 4) as usize * 4;
     let header_len = if data_offset < 20 { 20 } else { data_offset };
     if ip_end > l4 + header_len {

@@ -25,7 +25,8 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use detector_common::syn::{
-    SYN_MAX_OPTIONS, SYN_MAX_OPTIONS_WALKED, SynSignature, initial_ttl, option_kind, quirk,
+    SYN_MAX_OPTIONS, SYN_MAX_OPTIONS_WALKED, SynSignature, initial_ttl, ipv4_quirks, ipv6_quirks,
+    option_kind, quirk, tcp_quirks,
 };
 
 /// p0f's `MAX_DIST`: more hops than this from the guessed initial TTL is implausible.
@@ -105,24 +106,10 @@ pub fn parse_ip_tcp(ip: &[u8]) -> Result<TcpSyn, SynError> {
             if frag & 0x1fff != 0 {
                 return Err(SynError::Fragment);
             }
-            let id = u16::from_be_bytes([h[4], h[5]]);
             sig.ip_version = 4;
             sig.ttl = h[8];
             sig.ip_opts_len = (ihl - 20) as u8;
-            if frag & 0x4000 != 0 {
-                sig.quirks |= quirk::DF;
-                if id != 0 {
-                    sig.quirks |= quirk::ID_PLUS;
-                }
-            } else if id == 0 {
-                sig.quirks |= quirk::ID_MINUS;
-            }
-            if frag & 0x8000 != 0 {
-                sig.quirks |= quirk::ZERO_PLUS;
-            }
-            if h[1] & 0x03 != 0 {
-                sig.quirks |= quirk::ECN;
-            }
+            sig.quirks |= ipv4_quirks(h.try_into().expect("20 bytes"));
             let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
             let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
             (IpAddr::V4(src), IpAddr::V4(dst), ihl, total.min(ip.len()))
@@ -131,13 +118,7 @@ pub fn parse_ip_tcp(ip: &[u8]) -> Result<TcpSyn, SynError> {
             let h = ip.get(..40).ok_or(SynError::Truncated)?;
             sig.ip_version = 6;
             sig.ttl = h[7];
-            let traffic_class = (h[0] << 4) | (h[1] >> 4);
-            if traffic_class & 0x03 != 0 {
-                sig.quirks |= quirk::ECN;
-            }
-            if (h[1] & 0x0f) != 0 || h[2] != 0 || h[3] != 0 {
-                sig.quirks |= quirk::FLOW;
-            }
+            sig.quirks |= ipv6_quirks(h[..8].try_into().expect("8 bytes"));
             let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
             let mut next = h[6];
             let mut offset = 40usize;
@@ -182,32 +163,14 @@ pub fn parse_ip_tcp(ip: &[u8]) -> Result<TcpSyn, SynError> {
         _ => return Err(SynError::NotIp),
     };
 
-    let t = ip.get(l4..l4 + 20).ok_or(SynError::Truncated)?;
+    let t: &[u8; 20] = ip
+        .get(l4..l4 + 20)
+        .and_then(|t| t.try_into().ok())
+        .ok_or(SynError::Truncated)?;
     let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
-    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
     let flags = t[13];
     sig.window = u16::from_be_bytes([t[14], t[15]]);
-    let urgent = u16::from_be_bytes([t[18], t[19]]);
-    if seq == 0 {
-        sig.quirks |= quirk::SEQ_MINUS;
-    }
-    if flags & TCP_ACK == 0 && ack != 0 {
-        sig.quirks |= quirk::ACK_PLUS;
-    }
-    if flags & TCP_ACK != 0 && ack == 0 {
-        sig.quirks |= quirk::ACK_MINUS;
-    }
-    if flags & TCP_URG != 0 {
-        sig.quirks |= quirk::URGF_PLUS;
-    } else if urgent != 0 {
-        sig.quirks |= quirk::UPTR_PLUS;
-    }
-    if flags & TCP_PSH != 0 {
-        sig.quirks |= quirk::PUSHF_PLUS;
-    }
-    if flags & 0xc0 != 0 {
-        sig.quirks |= quirk::ECN;
-    }
+    sig.quirks |= tcp_quirks(t);
     let header_len = ((t[12] >> 4) as usize * 4).max(20);
     if ip_end > l4 + header_len {
         sig.payload = 1;
