@@ -21,9 +21,7 @@
 
 use std::{
     fs::{self, File},
-    io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
@@ -35,7 +33,7 @@ use serde_json::{Value, json};
 
 use crate::{
     netns::{CLIENT_IF, Lab, SERVER_IF, run_bounded},
-    tls::{SERVER_NAME, python_bin},
+    tls::{SERVER_NAME, python_bin, spawn_tied},
 };
 
 /// How long a helper command (openssl req, ip -batch) may take.
@@ -48,11 +46,7 @@ pub const TOOLS: [&str; 4] = ["curl", "openssl", "python3", "ip"];
 
 /// The tools of [`TOOLS`] not found on `PATH`.
 pub fn missing_tools() -> Vec<&'static str> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    TOOLS
-        .into_iter()
-        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .collect()
+    crate::tls::missing_from_path(&TOOLS)
 }
 
 /// `count` addresses of `10.<second>.0.0/16` spread round-robin over the /24s `first_subnet..first_subnet +
@@ -85,20 +79,6 @@ pub fn add_sources(lab: &Lab, addrs: &[Ipv4Addr], route: &str) -> anyhow::Result
         .args(["dev", SERVER_IF]);
     run_bounded(cmd, COMMAND_TIMEOUT)?.ok()?;
     Ok(())
-}
-
-/// Spawns `cmd` so that it dies with the thread that started it.
-fn spawn_tied(cmd: &mut Command) -> io::Result<Child> {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -56,15 +56,21 @@ pub fn python_bin() -> &'static str {
 
 /// The tools of [`TOOLS`] not found on `PATH`.
 pub fn missing_tools() -> Vec<&'static str> {
+    missing_from_path(&TOOLS)
+}
+
+/// The tools of `tools` not found on `PATH`.
+pub fn missing_from_path(tools: &[&'static str]) -> Vec<&'static str> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    TOOLS
-        .into_iter()
+    tools
+        .iter()
+        .copied()
         .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
         .collect()
 }
 
 /// Spawns `cmd` so that it dies with the thread that started it (a test killed mid-run leaves nothing behind).
-fn spawn_tied(cmd: &mut Command) -> io::Result<Child> {
+pub fn spawn_tied(cmd: &mut Command) -> io::Result<Child> {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
