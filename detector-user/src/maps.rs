@@ -853,27 +853,11 @@ impl KernelMaps {
         }
         for which in [VerdictMap::Syn, VerdictMap::Hello] {
             let (map, name) = self.verdict_map(which);
-            let keys: Vec<u64> = map
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, d)| expired(d.expires_ns))
-                .map(|(k, _)| k)
-                .collect();
-            for k in keys {
-                removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
-            }
+            removed += purge_expired_decisions(map, name, now)?;
         }
         for exact_scope in [true, false] {
             let (map, name) = self.decision_map(exact_scope);
-            let keys: Vec<AddrKey> = map
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, d)| expired(d.expires_ns))
-                .map(|(k, _)| k)
-                .collect();
-            for k in keys {
-                removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
-            }
+            removed += purge_expired_decisions(map, name, now)?;
         }
         Ok(removed)
     }
@@ -982,6 +966,25 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
 }
 
 /// `remove` on a missing key is ENOENT; callers want "was it there".
+/// Removes the expired entries of a map of [`Decision`]s (by address or by fingerprint key); returns how many.
+fn purge_expired_decisions<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, Decision>,
+    name: &'static str,
+    now: u64,
+) -> Result<usize, MapsError> {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, d)| d.expires_ns != 0 && d.expires_ns <= now)
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for k in keys {
+        removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
+    }
+    Ok(removed)
+}
+
 fn not_found_is_false(result: Result<(), (&'static str, MapError)>) -> Result<bool, MapsError> {
     match result {
         Ok(()) => Ok(true),

@@ -176,31 +176,24 @@ impl ModelStage {
             action_name(decision.action),
             scope_kind(&decision.scope)
         );
+        let ttl = Some(decision.ttl.max(Duration::from_secs(1)));
+        let mut decide = |target: IpNet| {
+            enforcer
+                .decide(&DecisionRequest {
+                    target,
+                    action: kernel_action(decision.action),
+                    class: None,
+                    ttl,
+                    permanent: false,
+                    reason: short_reason.clone(),
+                    origin: Origin::Model,
+                    force: false,
+                })
+                .map(|_| ())
+        };
         let result = match &decision.scope {
-            Scope::Source(addr) => enforcer
-                .decide(&DecisionRequest {
-                    target: IpNet::from(*addr),
-                    action: kernel_action(decision.action),
-                    class: None,
-                    ttl: Some(decision.ttl.max(Duration::from_secs(1))),
-                    permanent: false,
-                    reason: short_reason,
-                    origin: Origin::Model,
-                    force: false,
-                })
-                .map(|_| ()),
-            Scope::Prefix(net) => enforcer
-                .decide(&DecisionRequest {
-                    target: *net,
-                    action: kernel_action(decision.action),
-                    class: None,
-                    ttl: Some(decision.ttl.max(Duration::from_secs(1))),
-                    permanent: false,
-                    reason: short_reason,
-                    origin: Origin::Model,
-                    force: false,
-                })
-                .map(|_| ()),
+            Scope::Source(addr) => decide(IpNet::from(*addr)),
+            Scope::Prefix(net) => decide(*net),
             Scope::Fingerprint(id) => {
                 let target = match &id.ja4 {
                     Some(ja4) => FpTarget::Ja4 {
@@ -221,7 +214,7 @@ impl ModelStage {
                             Action::Block => FpAction::Block,
                         },
                         class: None,
-                        ttl: Some(decision.ttl.max(Duration::from_secs(1))),
+                        ttl,
                         permanent: false,
                         reason: short_reason,
                         origin: Origin::Model,
