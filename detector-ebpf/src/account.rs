@@ -103,3 +103,20 @@ pub unsafe fn fill_header(
         (*header).time_ns = clock.now();
     }
 }
+
+/// Counts one event of `kind`: sent, lost (ring full), or shed (deliberately not sent under load).
+#[inline(always)]
+pub fn count_event(kind: EventKind, sent: bool, shed: bool) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
+        let counters = unsafe { &mut *counters };
+        let slot = if shed {
+            &mut counters.events_shed
+        } else if sent {
+            &mut counters.events_sent
+        } else {
+            &mut counters.events_lost
+        };
+        bump(slot, kind as usize);
+    }
+}

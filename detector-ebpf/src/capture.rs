@@ -8,9 +8,9 @@ use detector_common::{
 };
 
 use crate::{
-    account::{bump, fill_header, wakeup_flag},
+    account::{count_event, fill_header, wakeup_flag},
     clock::Clock,
-    maps::{COUNTERS, EVENTS},
+    maps::EVENTS,
 };
 
 /// Sends the segment described by `scratch.payload_*` as a [`PayloadEvent`] and spends the flow's capture
@@ -30,7 +30,6 @@ pub fn emit_payload(
     if flow.capture_events >= CAPTURE_MAX_EVENTS || scratch.stream_offset + segment_len >= CAPTURE_BYTES {
         flow.flags |= flow_flag::CAPTURE_DONE;
     }
-    let kind = EventKind::Payload as usize;
     let sent = match EVENTS.reserve::<PayloadEvent>(0) {
         Some(mut slot) => {
             let event = slot.as_mut_ptr();
@@ -77,16 +76,5 @@ pub fn emit_payload(
         }
         None => false,
     };
-    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-        let counters = unsafe { &mut *counters };
-        bump(
-            if sent {
-                &mut counters.events_sent
-            } else {
-                &mut counters.events_lost
-            },
-            kind,
-        );
-    }
+    count_event(EventKind::Payload, sent, false);
 }

@@ -19,11 +19,11 @@ use detector_common::{
 };
 
 use crate::{
-    account::{account, bump, fill_header, wakeup_flag},
+    account::{account, count_event, fill_header, wakeup_flag},
     capture::emit_payload,
     clock::Clock,
     limits::{live_decision, track_source},
-    maps::{CONFIG, COUNTERS, DEFAULT_CONFIG, EVENTS, FLOWS, PROGRAMS, SCRATCH, SYN_VERDICTS},
+    maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, PROGRAMS, SCRATCH, SYN_VERDICTS},
     parse::read,
 };
 
@@ -560,20 +560,4 @@ fn emit_flow_event(
         None => false,
     };
     count_event(kind, sent, false);
-}
-
-#[inline(always)]
-fn count_event(kind: EventKind, sent: bool, shed: bool) {
-    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-        let counters = unsafe { &mut *counters };
-        let slot = if shed {
-            &mut counters.events_shed
-        } else if sent {
-            &mut counters.events_sent
-        } else {
-            &mut counters.events_lost
-        };
-        bump(slot, kind as usize);
-    }
 }
