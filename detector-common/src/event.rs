@@ -16,12 +16,16 @@ pub enum EventKind {
     Payload = 2,
     /// One request (a burst of client payload after an idle gap): [`FlowEvent`].
     Request = 3,
-    /// A flow ended (FIN or RST from the client): [`FlowEvent`] with the flow's totals.
+    /// A flow ended (an accepted FIN or RST from the client): [`FlowEvent`] with the flow's totals.
     FlowEnd = 4,
+    /// A handshake completed (the client acknowledged the server's ISN): [`FlowEvent`] with `start_ns` the
+    /// SYN's time and `end_ns` the ACK's. The first event of a verified flow; only verified flows send
+    /// payload, request and flow-end events.
+    Established = 5,
 }
 
 /// Number of [`EventKind`] values; the size of the per-kind event counters.
-pub const EVENT_KIND_COUNT: usize = 5;
+pub const EVENT_KIND_COUNT: usize = 6;
 
 impl EventKind {
     pub const fn from_u16(v: u16) -> Option<Self> {
@@ -31,6 +35,7 @@ impl EventKind {
             2 => Some(Self::Payload),
             3 => Some(Self::Request),
             4 => Some(Self::FlowEnd),
+            5 => Some(Self::Established),
             _ => None,
         }
     }
@@ -42,6 +47,7 @@ impl EventKind {
             Self::Payload => "payload",
             Self::Request => "request",
             Self::FlowEnd => "flow_end",
+            Self::Established => "established",
         }
     }
 }
@@ -73,7 +79,9 @@ pub struct FlowTuple {
 }
 
 /// A SYN to a protected port, with the client stack's signature. Sent for dropped SYNs too (`action` says
-/// which fingerprint verdict applied), so the daemon sees who keeps trying.
+/// which fingerprint verdict applied), so the daemon sees who keeps trying. A SYN proves nothing about its
+/// source address (anyone can forge one): these are SYN statistics, never evidence against a source; the
+/// connection counts once its [`EventKind::Established`] event arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEvent {
@@ -109,7 +117,9 @@ pub struct PayloadEvent {
     pub hello_status: u8,
     /// The `Action` of the live ClientHello verdict that applied (0 = none).
     pub action: u8,
-    pub _pad: [u8; 6],
+    /// The flow's `flow::flow_flag` bits after this segment (`SUSPECT`: two different ClientHellos).
+    pub flow_flags: u8,
+    pub _pad: [u8; 5],
     pub data: [u8; CAPTURE_CHUNK],
 }
 

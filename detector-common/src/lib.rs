@@ -16,11 +16,11 @@ pub mod syn;
 
 pub use addr::AddrKey;
 pub use event::{ConnEvent, DropEvent, EventHeader, EventKind, FlowEvent, FlowTuple, PayloadEvent};
-pub use flow::{FlowState, Scratch};
+pub use flow::{FlowState, HalfOpen, Scratch};
 pub use syn::SynSignature;
 
 /// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, exactly as the XDP program declares them and as they are pinned in bpffs.
 /// The kernel limits object names to 15 bytes.
@@ -42,15 +42,17 @@ pub mod map_names {
     pub const SYN_VERDICTS: &str = "SYN_VERDICTS";
     /// Verdicts by kernel ClientHello key (`hello::HelloKeyParts::key`): value [`crate::Decision`].
     pub const HELLO_VERDICTS: &str = "HELLO_VERDICTS";
-    /// Per-flow state of TCP connections to protected ports (LRU).
+    /// Per-flow state of verified TCP connections to protected ports (LRU).
     pub const FLOWS: &str = "FLOWS";
+    /// SYNs whose handshake has not completed yet (LRU; kept apart from `FLOWS` so a SYN flood evicts only these).
+    pub const HALF_OPEN: &str = "HALF_OPEN";
     /// The tail-call table: index [`crate::PROG_INDEX_TCP`] and [`crate::PROG_INDEX_HELLO`].
     pub const PROGRAMS: &str = "PROGRAMS";
     /// Per-CPU hand-off and work space of the tail-called programs (never read by userspace).
     pub const SCRATCH: &str = "SCRATCH";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -67,6 +69,7 @@ pub mod map_names {
         SYN_VERDICTS,
         HELLO_VERDICTS,
         FLOWS,
+        HALF_OPEN,
         PROGRAMS,
         SCRATCH,
     ];
@@ -80,6 +83,9 @@ pub const FLOOR_PROGRAM_NAME: &str = "aqd_floor";
 pub const TCP_PROGRAM_NAME: &str = "aqd_tcp";
 /// The program `aqd_tcp` tail-calls for a flow's first payload segment: the ClientHello key and its verdict.
 pub const HELLO_PROGRAM_NAME: &str = "aqd_hello";
+/// The TC egress program: learns the server's ISN from its SYN-ACK, so the client's ACK can be checked against
+/// it (handshake verification). Attached to the same interfaces as the XDP program; it never drops.
+pub const EGRESS_PROGRAM_NAME: &str = "aqd_egress";
 /// Slots of the `PROGRAMS` tail-call table.
 pub const PROG_INDEX_TCP: u32 = 0;
 pub const PROG_INDEX_HELLO: u32 = 1;
@@ -109,8 +115,10 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const SYN_VERDICTS: u32 = 16_384;
     pub const HELLO_VERDICTS: u32 = 16_384;
-    /// LRU: TCP connections to protected ports tracked at once.
+    /// LRU: verified TCP connections to protected ports tracked at once.
     pub const FLOWS: u32 = 262_144;
+    /// LRU: SYNs waiting for their handshake to complete.
+    pub const HALF_OPEN: u32 = 262_144;
     pub const PROGRAMS: u32 = 2;
 }
 
@@ -220,10 +228,19 @@ pub enum Reason {
     /// A packet of a flow blocked by its fingerprint (after the ClientHello, or set by the daemon for a
     /// ClientHello the kernel could not key).
     DropFlowFingerprint = 15,
+    /// A TCP fragment towards a protected port: no honest TLS client fragments at the IP layer, and a
+    /// fragmented ClientHello or tiny first fragment would slip past flow handling. `pass_tcp_fragments` passes them.
+    DropTcpFragment = 16,
+    /// A segment of a tracked flow (or one completing a handshake) with a wrong TCP checksum: passed (the stack
+    /// drops it) without changing any state or being keyed.
+    PassBadChecksum = 17,
+    /// A FIN or RST of a tracked flow whose sequence number the server would not accept (RFC 5961): passed,
+    /// the flow kept.
+    PassCloseIgnored = 18,
 }
 
 /// Number of [`Reason`] values; the size of the per-reason counter array.
-pub const REASON_COUNT: usize = 16;
+pub const REASON_COUNT: usize = 19;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT] = [
@@ -243,6 +260,9 @@ impl Reason {
         Self::DropSynFingerprint,
         Self::DropHelloFingerprint,
         Self::DropFlowFingerprint,
+        Self::DropTcpFragment,
+        Self::PassBadChecksum,
+        Self::PassCloseIgnored,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -253,7 +273,9 @@ impl Reason {
             | Self::PassAllowPrefix
             | Self::PassDefault
             | Self::PassMonitor
-            | Self::PassThrottled => Verdict::Pass,
+            | Self::PassThrottled
+            | Self::PassBadChecksum
+            | Self::PassCloseIgnored => Verdict::Pass,
             Self::DropDenyExact
             | Self::DropDenyPrefix
             | Self::DropBlockExact
@@ -262,7 +284,8 @@ impl Reason {
             | Self::DropRateConnections
             | Self::DropSynFingerprint
             | Self::DropHelloFingerprint
-            | Self::DropFlowFingerprint => Verdict::Drop,
+            | Self::DropFlowFingerprint
+            | Self::DropTcpFragment => Verdict::Drop,
         }
     }
 
@@ -293,6 +316,9 @@ impl Reason {
             Self::DropSynFingerprint => "drop_syn_fingerprint",
             Self::DropHelloFingerprint => "drop_hello_fingerprint",
             Self::DropFlowFingerprint => "drop_flow_fingerprint",
+            Self::DropTcpFragment => "drop_tcp_fragment",
+            Self::PassBadChecksum => "pass_bad_checksum",
+            Self::PassCloseIgnored => "pass_close_ignored",
         }
     }
 }
@@ -418,6 +444,37 @@ pub const CONFIG_FLAG_CONN_EVENTS: u32 = 1 << 0;
 pub const CONFIG_FLAG_CAPTURE: u32 = 1 << 1;
 /// Emit request and flow-end events.
 pub const CONFIG_FLAG_REQUEST_EVENTS: u32 = 1 << 2;
+/// Pass TCP fragments towards protected ports (by default they are dropped: `Reason::DropTcpFragment`).
+pub const CONFIG_FLAG_PASS_TCP_FRAGMENTS: u32 = 1 << 3;
+/// Do not verify TCP checksums (for generic XDP behind GRO, where merged segments carry stale checksums).
+pub const CONFIG_FLAG_NO_TCP_CHECKSUM: u32 = 1 << 4;
+/// Complete a handshake on the client's first ACK with the right sequence number, without the server's ISN:
+/// for hosts that never see the SYN-ACK (a load balancer that does not terminate TCP, direct server return).
+/// Forged sources can then feed the model; see the README.
+pub const CONFIG_FLAG_HANDSHAKE_ACK_ONLY: u32 = 1 << 5;
+
+/// Indexes of `Counters::flows`: what happened to connections on their way to and in `FLOWS`.
+pub mod flow_counter {
+    /// SYNs that made a `HALF_OPEN` entry.
+    pub const HALF_OPEN: usize = 0;
+    /// Server SYN-ACKs recorded at egress.
+    pub const SERVER_ISN: usize = 1;
+    /// Handshakes completed: flows inserted into `FLOWS`.
+    pub const ESTABLISHED: usize = 2;
+    /// ACKs of a half-open flow that did not complete its handshake (wrong acknowledgement or sequence
+    /// number, bad checksum, or no SYN-ACK seen).
+    pub const HANDSHAKE_FAILED: usize = 3;
+    /// Flows removed by an accepted RST.
+    pub const RESET: usize = 4;
+    /// Flows closed by an accepted FIN (kept in the map until evicted, so their verdict keeps applying).
+    pub const FIN: usize = 5;
+    /// Non-SYN TCP packets to a protected port of no verified flow (a forged source, a handshake not seen, a
+    /// connection older than aqd): they pass under their address reason; limits and ClientHello verdicts
+    /// apply, nothing is recorded for the model.
+    pub const UNVERIFIED: usize = 6;
+}
+/// Number of `flow_counter` indexes.
+pub const FLOW_COUNTER_COUNT: usize = 7;
 
 /// Per-CPU counters: the single entry of the `COUNTERS` per-CPU array.
 #[repr(C)]
@@ -432,6 +489,8 @@ pub struct Counters {
     /// Events deliberately not sent because the ring buffer was more than half full (load shedding of the
     /// events the model can do without: requests and flow ends), by [`EventKind`] index.
     pub events_shed: [u64; event::EVENT_KIND_COUNT],
+    /// Connection bookkeeping, by `flow_counter` index.
+    pub flows: [u64; FLOW_COUNTER_COUNT],
     /// Running count of drops on this CPU, for 1-in-N sampling.
     pub drop_sample_tick: u64,
 }
@@ -443,6 +502,7 @@ impl Default for Counters {
             events_sent: [0; event::EVENT_KIND_COUNT],
             events_lost: [0; event::EVENT_KIND_COUNT],
             events_shed: [0; event::EVENT_KIND_COUNT],
+            flows: [0; FLOW_COUNTER_COUNT],
             drop_sample_tick: 0,
         }
     }
@@ -463,6 +523,7 @@ mod pod {
     unsafe impl aya::Pod for ReasonText {}
     unsafe impl aya::Pod for FlowTuple {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for HalfOpen {}
     unsafe impl aya::Pod for Scratch {}
 }
 
@@ -475,5 +536,7 @@ const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<ReasonText>() == 64);
-const _: () =
-    assert!(core::mem::size_of::<Counters>() == 8 * (REASON_COUNT + 3 * event::EVENT_KIND_COUNT + 1));
+const _: () = assert!(
+    core::mem::size_of::<Counters>()
+        == 8 * (REASON_COUNT + 3 * event::EVENT_KIND_COUNT + FLOW_COUNTER_COUNT + 1)
+);

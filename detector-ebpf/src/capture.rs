@@ -56,7 +56,8 @@ pub fn emit_payload(
                 (*event).hello_key = hello_key;
                 (*event).hello_status = hello_status;
                 (*event).action = action;
-                (*event)._pad = [0; 6];
+                (*event).flow_flags = flow.flags;
+                (*event)._pad = [0; 5];
                 let mut copied = 0u16;
                 if len > 0 {
                     let rc = bpf_xdp_load_bytes(

@@ -1,4 +1,6 @@
-//! `aqd_hello`: a flow's first client payload segment, tail-called by `aqd_tcp`. When the segment holds a
+//! `aqd_hello`: a segment at stream offset 0 of a verified flow (its ClientHello, or a retransmission or
+//! overlap of it), or a packet of no verified flow that starts like a ClientHello (`scratch_flag::STATELESS`:
+//! the verdict is enforced, nothing recorded), tail-called by `aqd_tcp`. When the segment holds a
 //! whole TLS ClientHello, its kernel key (`detector_common::hello`) is computed here and looked up in
 //! `HELLO_VERDICTS`, so a blocked fingerprint's ClientHello is dropped before the server ever sees it — no
 //! race with the daemon. A ClientHello that continues in later segments (large post-quantum key shares) is
@@ -9,8 +11,8 @@
 
 use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, macros::xdp, programs::XdpContext};
 use detector_common::{
-    Action, Config, Reason, Scratch, Verdict,
-    flow::{HELLO_BUF, flow_flag, hello_status},
+    Action, CONFIG_FLAG_CAPTURE, Config, Reason, Scratch, Verdict,
+    flow::{CAPTURE_BYTES, HELLO_BUF, flow_flag, hello_status, scratch_flag},
     hello::{
         EXT_ALPN, EXT_SERVER_NAME, EXT_SIGNATURE_ALGORITHMS, EXT_SUPPORTED_VERSIONS, HelloKeyParts,
         SIGALG_SEED, alpn_chars, cipher_item, extension_item, is_grease, sigalg_step, version_code,
@@ -50,38 +52,70 @@ pub fn aqd_hello(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn handle(ctx: &XdpContext, scratch: &mut Scratch, _config: &Config, clock: &mut Clock) -> Reason {
-    let mut reason = Reason::from_u32(scratch.pass_reason as u32).unwrap_or(Reason::PassDefault);
+fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut Clock) -> Reason {
+    let reason = Reason::from_u32(scratch.pass_reason as u32).unwrap_or(Reason::PassDefault);
+    if scratch.flags & scratch_flag::STATELESS != 0 {
+        // No verified flow: enforce the verdict on this packet, record nothing.
+        let (status, key) = hello_key(ctx, scratch);
+        if status == hello_status::KEYED
+            && let Some((verdict, _)) = live_decision(&HELLO_VERDICTS, &key, clock)
+            && verdict == Action::Block as u8
+        {
+            return Reason::DropHelloFingerprint;
+        }
+        return reason;
+    }
     let Some(flow) = FLOWS.get_ptr_mut(&scratch.flow) else {
         return reason;
     };
     // SAFETY: map memory from a successful lookup.
     let flow = unsafe { &mut *flow };
     let (status, key) = hello_key(ctx, scratch);
-    let mut action = 0u8;
-    if status == hello_status::KEYED {
-        flow.hello_key = key;
-        if let Some((verdict, class)) = live_decision(&HELLO_VERDICTS, &key, clock) {
-            action = verdict;
-            match Action::from_u8(verdict) {
-                Some(Action::Block) => {
-                    // Retransmissions of this ClientHello, and anything else on the flow, drop too.
-                    flow.action = verdict;
-                    reason = Reason::DropHelloFingerprint;
-                }
-                Some(Action::Throttle) => {
-                    flow.action = verdict;
-                    if flow.rate_class == 0 {
-                        flow.rate_class = class;
-                    }
-                }
-                _ => {}
-            }
+    let first = flow.flags & flow_flag::HELLO_SEEN == 0;
+    flow.flags |= flow_flag::HELLO_SEEN;
+    if first {
+        if status == hello_status::KEYED {
+            flow.hello_key = key;
+        } else if status == hello_status::SPLIT {
+            flow.flags |= flow_flag::HELLO_SPLIT;
         }
-    } else if status == hello_status::SPLIT {
-        flow.flags |= flow_flag::HELLO_SPLIT;
+    } else {
+        // Offset 0 again. The server keeps the bytes it got first; a retransmission carries the same. Two
+        // ClientHellos that disagree mean someone is showing the kernel one and the server another.
+        let was_keyed = flow.hello_key != 0;
+        let is_keyed = status == hello_status::KEYED;
+        if was_keyed != is_keyed || (is_keyed && key != flow.hello_key) {
+            flow.flags |= flow_flag::SUSPECT;
+        }
     }
-    emit_payload(ctx, scratch, flow, status, key, action, clock);
+    let mut action = 0u8;
+    let mut reason = reason;
+    if status == hello_status::KEYED
+        && let Some((verdict, class)) = live_decision(&HELLO_VERDICTS, &key, clock)
+    {
+        action = verdict;
+        // The stricter of this verdict and the flow's (block > throttle > monitor).
+        match Action::from_u8(verdict) {
+            Some(Action::Block) => {
+                // Retransmissions of this ClientHello, and anything else on the flow, drop too.
+                flow.action = verdict;
+                reason = Reason::DropHelloFingerprint;
+            }
+            Some(Action::Throttle) if flow.action < verdict => {
+                flow.action = verdict;
+                if flow.rate_class == 0 {
+                    flow.rate_class = class;
+                }
+            }
+            _ => {}
+        }
+    }
+    if config.flags & CONFIG_FLAG_CAPTURE != 0
+        && flow.flags & flow_flag::CAPTURE_DONE == 0
+        && scratch.stream_offset < CAPTURE_BYTES
+    {
+        emit_payload(ctx, scratch, flow, status, key, action, clock);
+    }
     reason
 }
 

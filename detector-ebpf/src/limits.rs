@@ -2,7 +2,6 @@
 
 use aya_ebpf::maps::HashMap;
 use aya_ebpf::programs::XdpContext;
-use aya_log_ebpf::warn;
 use detector_common::{AddrKey, Bucket, Decision, Reason, SourceState};
 
 use crate::{
@@ -42,9 +41,9 @@ pub fn track_source(
         None => {
             // A new source starts with a full burst allowance: a TAT of 0 is "any time before now".
             let fresh = SourceState::default();
-            if let Err(errno) = SOURCES.insert(src, fresh, 0) {
-                // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once.
-                warn!(ctx, "cannot track a new source (errno {})", errno);
+            if SOURCES.insert(src, fresh, 0).is_err() {
+                // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once. No
+                // log here: aya-log's formatter is a BPF subprogram whose stack adds to the caller's.
                 return None;
             }
             SOURCES.get_ptr_mut(src)?

@@ -24,6 +24,8 @@
 mod account;
 mod capture;
 mod clock;
+mod csum;
+mod egress;
 mod hello;
 mod limits;
 mod maps;
@@ -38,7 +40,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use detector_common::{
-    Action, AddrKey, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP, Reason, Verdict,
+    Action, AddrKey, CONFIG_FLAG_PASS_TCP_FRAGMENTS, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP,
+    Reason, Verdict,
 };
 
 use account::account;
@@ -61,7 +64,7 @@ pub fn aqd_xdp(ctx: XdpContext) -> u32 {
     let config = CONFIG.get(0).unwrap_or(&DEFAULT_CONFIG);
     let mut clock = Clock::new(config);
     let (reason, packet) = match parse::parse(&ctx) {
-        Ok(packet) => (classify(&ctx, &packet, &mut clock), Some(packet)),
+        Ok(packet) => (classify(&ctx, &packet, config.flags, &mut clock), Some(packet)),
         Err(ParseError::NotIp) => (Reason::PassNotIp, None),
         Err(ParseError::Malformed) => (Reason::PassMalformed, None),
     };
@@ -77,7 +80,7 @@ pub fn aqd_floor(_ctx: XdpContext) -> u32 {
 
 /// The verdict for a parsed packet. TCP packets to protected ports continue in `aqd_tcp` (no return here).
 #[inline(always)]
-fn classify(ctx: &XdpContext, packet: &Packet, clock: &mut Clock) -> Reason {
+fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Clock) -> Reason {
     let src = &packet.flow.src;
     if list_hit_exact(&ALLOW_EXACT, src, clock) {
         return Reason::PassAllowExact;
@@ -128,6 +131,14 @@ fn classify(ctx: &XdpContext, packet: &Packet, clock: &mut Clock) -> Reason {
     if !is_protected {
         return pass_reason;
     }
+    // No honest TLS client fragments TCP at the IP layer; a fragmented ClientHello or a tiny first fragment
+    // would reach the server without passing flow handling.
+    if packet.is_fragment
+        && packet.flow.proto == IPPROTO_TCP
+        && config_flags & CONFIG_FLAG_PASS_TCP_FRAGMENTS == 0
+    {
+        return Reason::DropTcpFragment;
+    }
     if packet.flow.proto == IPPROTO_TCP && packet.tcp_full {
         hand_off_tcp(ctx, packet, pass_reason, rate_class);
         // Only reached when the tail call failed (the table entry is missing): limits still apply below.
@@ -153,6 +164,7 @@ fn hand_off_tcp(ctx: &XdpContext, packet: &Packet, pass_reason: Reason, rate_cla
         (*scratch).pass_reason = pass_reason as u8;
         (*scratch).rate_class = rate_class as u8;
         (*scratch).ip_version = packet.ip_version;
+        (*scratch).flags = 0;
         PROGRAMS.tail_call(ctx, PROG_INDEX_TCP);
     }
 }

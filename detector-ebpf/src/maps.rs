@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use detector_common::{
-    AddrKey, Config, Counters, Decision, FlowState, FlowTuple, ListEntry, RateClass, ReasonText, Scratch,
-    SourceState, capacity,
+    AddrKey, Config, Counters, Decision, FlowState, FlowTuple, HalfOpen, ListEntry, RateClass, ReasonText,
+    Scratch, SourceState, capacity,
 };
 
 #[map(name = "ALLOW_EXACT")]
@@ -46,9 +46,12 @@ pub static SYN_VERDICTS: HashMap<u64, Decision> = HashMap::with_max_entries(capa
 /// Verdicts by kernel ClientHello key.
 #[map(name = "HELLO_VERDICTS")]
 pub static HELLO_VERDICTS: HashMap<u64, Decision> = HashMap::with_max_entries(capacity::HELLO_VERDICTS, 0);
-/// TCP connections to protected ports, from their SYN.
+/// Verified TCP connections to protected ports, from the ACK that completed their handshake.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowTuple, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+/// SYNs whose handshake has not completed (apart from `FLOWS`: a SYN flood evicts only these).
+#[map(name = "HALF_OPEN")]
+pub static HALF_OPEN: LruHashMap<FlowTuple, HalfOpen> = LruHashMap::with_max_entries(capacity::HALF_OPEN, 0);
 /// Tail-call table (filled by the loader): `aqd_tcp`, `aqd_hello`.
 #[map(name = "PROGRAMS")]
 pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(capacity::PROGRAMS, 0);

@@ -46,6 +46,8 @@ pub struct Packet {
     pub tcp_ack: bool,
     /// The whole 20-byte TCP header is in the frame (the TCP program reads it).
     pub tcp_full: bool,
+    /// An IP fragment, first or later (IPv4 MF or offset; an IPv6 fragment header).
+    pub is_fragment: bool,
     /// Frame offsets of the IP and transport headers.
     pub l3_offset: u16,
     pub l4_offset: u16,
@@ -111,7 +113,9 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     if ptr_at::<u8>(ctx, offset + header_len - 1).is_none() {
         return Err(ParseError::Malformed);
     }
-    let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
+    let fragment_word = u16::from_be_bytes([header[6], header[7]]);
+    let fragment_offset = fragment_word & 0x1fff;
+    let more_fragments = fragment_word & 0x2000 != 0;
     let proto = header[9];
     let flow = FlowTuple {
         src: AddrKey::from_v4([header[12], header[13], header[14], header[15]]),
@@ -125,6 +129,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         tcp_syn: false,
         tcp_ack: false,
         tcp_full: false,
+        is_fragment: more_fragments || fragment_offset != 0,
         l3_offset: offset as u16,
         l4_offset: (offset + header_len) as u16,
         ip_version: 4,
@@ -150,6 +155,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     let mut offset = offset + 40;
     let mut transport_found = false;
     let mut first_fragment = true;
+    let mut is_fragment = false;
     // One pass more than the header limit, so the header after the last allowed extension is still seen.
     for i in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
@@ -173,6 +179,9 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
                 };
                 next = ext[0];
                 offset += 8;
+                // An atomic fragment (offset 0, no more fragments) is a whole packet (RFC 6946).
+                let word = u16::from_be_bytes([ext[2], ext[3]]);
+                is_fragment |= word & 0xfff9 != 0;
                 if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
                     // A non-first fragment: what follows is the middle of the payload, not headers. Its protocol
                     // is the one this header names, unless that is another extension header, or this header is
@@ -208,6 +217,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         tcp_syn: false,
         tcp_ack: false,
         tcp_full: false,
+        is_fragment,
         l3_offset: l3_offset as u16,
         l4_offset: offset as u16,
         ip_version: 6,

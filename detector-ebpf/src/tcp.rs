@@ -2,28 +2,36 @@
 //!
 //! ```text
 //! SYN     → p0f signature (options walked in a bounded loop) → SYN_VERDICTS → source limits
-//!           → connection event (with the signature) → a FLOWS entry
-//! other   → FLOWS: a flow blocked by its fingerprint → DROP; throttled → its rate class → source limits
-//!           → request tracking (bursts of client payload) → first client bytes to userspace (the first
-//!             payload segment goes through `aqd_hello`, which keys the ClientHello) → FIN/RST: flow end
+//!           → connection event (unverified SYN statistics) → a HALF_OPEN entry
+//! other   → FLOWS, or the ACK that completes a handshake (HALF_OPEN + the server ISN from `aqd_egress`,
+//!           checksum) moves the flow there → a flow blocked by its fingerprint → DROP; throttled → its rate
+//!           class → source limits → checksum, sequence numbers → request tracking (bursts of new client
+//!           payload) → first client bytes to userspace (a segment at stream offset 0 goes through
+//!           `aqd_hello`, which keys the ClientHello) → an accepted FIN/RST: flow end
+//!         → no verified flow: source limits, a ClientHello verdict (stateless) — nothing recorded
 //! ```
 //! The packet is counted here (one reason, as in `aqd_xdp`): a tail call does not return.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::generated::bpf_xdp_load_bytes, macros::xdp, programs::XdpContext,
+};
 use core::mem::size_of;
 use detector_common::{
-    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, ConnEvent,
-    EventKind, FlowEvent, FlowState, PROG_INDEX_HELLO, Reason, Scratch, Verdict, capacity,
-    flow::{CAPTURE_BYTES, DEFAULT_REQUEST_GAP_NS, HELLO_BUF, flow_flag},
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_HANDSHAKE_ACK_ONLY,
+    CONFIG_FLAG_NO_TCP_CHECKSUM, CONFIG_FLAG_REQUEST_EVENTS, Config, ConnEvent, EventKind, FlowEvent,
+    FlowState, HalfOpen, PROG_INDEX_HELLO, Reason, Scratch, Verdict, capacity,
+    flow::{CAPTURE_BYTES, DEFAULT_REQUEST_GAP_NS, HELLO_BUF, flow_flag, half_open_flag, scratch_flag},
+    flow_counter,
     syn::{SYN_MAX_OPTIONS, ipv4_quirks, ipv6_quirks, option_kind, quirk, tcp_quirks},
 };
 
 use crate::{
-    account::{account, count_event, fill_header, wakeup_flag},
+    account::{account, bump, count_event, fill_header, wakeup_flag},
     capture::emit_payload,
     clock::Clock,
+    csum::{Checksum, tcp_checksum},
     limits::{live_decision, track_source},
-    maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, PROGRAMS, SCRATCH, SYN_VERDICTS},
+    maps::{CONFIG, COUNTERS, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
     parse::read,
 };
 
@@ -115,21 +123,33 @@ fn syn(
         emit_conn(ctx, scratch, key, action, dropped, isn, clock);
     }
     if !dropped {
-        let now = clock.coarse();
-        let throttle = action == Action::Throttle as u8;
-        let state = FlowState {
-            syn_key: key,
-            isn,
-            first_seen_ns: now,
-            last_seen_ns: now,
-            action: if throttle { action } else { 0 },
-            rate_class: if throttle { class as u8 } else { 0 },
-            ..FlowState::default()
-        };
-        // An LRU map evicts rather than fails; a SYN retransmission starts the flow afresh.
-        let _ = FLOWS.insert(&scratch.flow, &state, 0);
+        remember_syn(scratch, key, isn, action, class, clock);
     }
     reason
+}
+
+/// Records the SYN in `HALF_OPEN`, unless the tuple has an entry already: a SYN never overwrites one (a
+/// retransmission changes nothing; a second SYN with another ISN must not replace what the server's SYN-ACK
+/// taught `aqd_egress`). A SYN never touches `FLOWS`: a SYN on a tracked connection is answered by the
+/// server with a challenge ACK (RFC 5961 §4), not a new connection.
+#[inline(always)]
+fn remember_syn(scratch: &mut Scratch, key: u64, isn: u32, action: u8, class: u32, clock: &mut Clock) {
+    let throttle = action == Action::Throttle as u8;
+    let entry = &mut scratch.new_half_open;
+    *entry = HalfOpen::default();
+    entry.syn_key = key;
+    entry.first_seen_ns = clock.coarse();
+    entry.client_isn = isn;
+    if throttle {
+        entry.action = action;
+        entry.rate_class = class as u8;
+    }
+    if HALF_OPEN
+        .insert(&scratch.flow, &scratch.new_half_open, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        count_flow(flow_counter::HALF_OPEN);
+    }
 }
 
 /// Fills `scratch.syn` from the SYN's IP and TCP headers. The userspace twin is
@@ -313,7 +333,7 @@ fn options(ctx: &XdpContext, scratch: &mut Scratch, l4: usize, header_len: usize
     }
 }
 
-/// A packet of an established (or unknown) connection.
+/// A packet that is not a SYN: of a verified flow, one completing a handshake, or of no known flow.
 #[inline(always)]
 fn established(
     ctx: &XdpContext,
@@ -323,73 +343,296 @@ fn established(
     config: &Config,
     clock: &mut Clock,
 ) -> Reason {
-    let flow = FLOWS.get_ptr_mut(&scratch.flow);
+    let ip_end = ip_end(ctx, scratch);
+    let mut checksum = CachedChecksum::new(config);
+    let mut flow = FLOWS.get_ptr_mut(&scratch.flow);
+    let mut established_now = false;
+    if flow.is_none() {
+        match complete_handshake(ctx, scratch, tcp, ip_end, config, &mut checksum, clock) {
+            Handshake::Completed => {
+                flow = FLOWS.get_ptr_mut(&scratch.flow);
+                established_now = true;
+            }
+            Handshake::BadChecksum => return anomaly(pass, Reason::PassBadChecksum),
+            Handshake::None => {}
+        }
+    }
+    let Some(f) = flow else {
+        return unverified(ctx, scratch, tcp, ip_end, pass, clock);
+    };
+    // SAFETY: map memory from a successful lookup.
+    let f = unsafe { &mut *f };
     let mut class = scratch.rate_class as u32;
     let mut reason = pass;
-    if let Some(f) = flow {
-        // SAFETY: map memory from a successful lookup.
-        let f = unsafe { &mut *f };
-        match Action::from_u8(f.action) {
-            Some(Action::Block) => return Reason::DropFlowFingerprint,
-            Some(Action::Throttle) => {
-                if class == 0 {
-                    class = f.rate_class as u32;
-                }
-                reason = throttled(reason);
+    match Action::from_u8(f.action) {
+        Some(Action::Block) => return Reason::DropFlowFingerprint,
+        Some(Action::Throttle) => {
+            if class == 0 {
+                class = f.rate_class as u32;
             }
-            _ => {}
+            reason = throttled(reason);
         }
+        _ => {}
     }
     if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, clock) {
         return drop;
     }
-    if let Some(f) = flow {
-        // SAFETY: as above.
-        track_flow(ctx, scratch, unsafe { &mut *f }, tcp, reason, config, clock);
+    track_flow(
+        ctx,
+        scratch,
+        f,
+        tcp,
+        ip_end,
+        reason,
+        established_now,
+        config,
+        &mut checksum,
+        clock,
+    )
+}
+
+/// How the packet fared as the possible end of a handshake.
+enum Handshake {
+    /// Not the end of a known handshake (no half-open entry, or the numbers do not match).
+    None,
+    /// The right numbers with a wrong checksum.
+    BadChecksum,
+    /// The flow is now in `FLOWS`.
+    Completed,
+}
+
+/// The client's ACK that completes a handshake moves the flow from `HALF_OPEN` into `FLOWS`: its sequence
+/// number follows the SYN's ISN and it acknowledges the server's ISN, which a forged source never sees
+/// (with `CONFIG_FLAG_HANDSHAKE_ACK_ONLY` the server's ISN is not required), and its checksum is valid.
+#[inline(always)]
+fn complete_handshake(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    tcp: &[u8; 20],
+    ip_end: usize,
+    config: &Config,
+    checksum: &mut CachedChecksum,
+    clock: &mut Clock,
+) -> Handshake {
+    let Some(half_open) = HALF_OPEN.get_ptr_mut(&scratch.flow) else {
+        return Handshake::None;
+    };
+    // SAFETY: map memory from a successful lookup; read before the entry is removed below.
+    let half_open = unsafe { &*half_open };
+    let flags = tcp[13];
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let server_isn_ok = if config.flags & CONFIG_FLAG_HANDSHAKE_ACK_ONLY != 0 {
+        true
+    } else {
+        half_open.flags & half_open_flag::SERVER_ISN != 0 && ack == half_open.server_isn.wrapping_add(1)
+    };
+    if flags & (TCP_ACK | TCP_RST) != TCP_ACK || seq != half_open.client_isn.wrapping_add(1) || !server_isn_ok
+    {
+        count_flow(flow_counter::HANDSHAKE_FAILED);
+        return Handshake::None;
+    }
+    if checksum.get(ctx, scratch, ip_end) != Checksum::Valid {
+        count_flow(flow_counter::HANDSHAKE_FAILED);
+        return Handshake::BadChecksum;
+    }
+    let now = clock.coarse();
+    let throttle = half_open.action == Action::Throttle as u8;
+    let state = &mut scratch.new_flow;
+    *state = FlowState::default();
+    state.syn_key = half_open.syn_key;
+    state.isn = half_open.client_isn;
+    state.first_seen_ns = if half_open.first_seen_ns != 0 {
+        half_open.first_seen_ns
+    } else {
+        now
+    };
+    state.last_seen_ns = now;
+    state.ack_base = ack;
+    state.last_ack = ack;
+    state.ack_at_last_request = ack;
+    state.next_seq = seq;
+    state.flags = flow_flag::ACK_SEEN;
+    if throttle {
+        state.action = half_open.action;
+        state.rate_class = half_open.rate_class;
+    }
+    // An LRU map evicts rather than fails; only verified flows get here, at the rate of real handshakes.
+    if FLOWS.insert(&scratch.flow, &scratch.new_flow, 0).is_err() {
+        return Handshake::None;
+    }
+    let _ = HALF_OPEN.remove(&scratch.flow);
+    count_flow(flow_counter::ESTABLISHED);
+    Handshake::Completed
+}
+
+/// A packet of no verified flow: the source's limits and a ClientHello verdict still apply (a blocked
+/// fingerprint is dropped whether or not its handshake was seen), but nothing is recorded.
+#[inline(always)]
+fn unverified(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    tcp: &[u8; 20],
+    ip_end: usize,
+    pass: Reason,
+    clock: &mut Clock,
+) -> Reason {
+    let class = scratch.rate_class as u32;
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, clock) {
+        return drop;
+    }
+    count_flow(flow_counter::UNVERIFIED);
+    let reason = pass;
+    let payload_offset = payload_offset(scratch, tcp);
+    // Record header: handshake (22), TLS 1.x; handshake message: ClientHello (1).
+    if let Some(head) = read::<[u8; 6]>(ctx, payload_offset)
+        && head[0] == 22
+        && head[1] == 3
+        && head[5] == 1
+    {
+        let payload_len = ip_end.saturating_sub(payload_offset);
+        scratch.payload_offset = payload_offset as u16;
+        scratch.payload_len = if payload_len > 0xffff {
+            0xffff
+        } else {
+            payload_len as u16
+        };
+        scratch.stream_offset = 0;
+        scratch.flags = scratch_flag::STATELESS;
+        scratch.pass_reason = reason as u8;
+        // SAFETY: a tail call with this program's context.
+        unsafe { PROGRAMS.tail_call(ctx, PROG_INDEX_HELLO) };
     }
     reason
 }
 
-/// Requests, capture and flow end for a tracked flow. May tail-call `aqd_hello` (then it does not return).
+/// The reason for a packet that changes nothing because of what it is (bad checksum, ignored close): it
+/// replaces a plain or decision pass, so the anomaly is counted.
 #[inline(always)]
+fn anomaly(pass: Reason, anomaly: Reason) -> Reason {
+    if pass.verdict() == Verdict::Pass {
+        anomaly
+    } else {
+        pass
+    }
+}
+
+/// The TCP checksum of the packet, computed at most once and only when needed.
+struct CachedChecksum {
+    result: Option<Checksum>,
+}
+
+impl CachedChecksum {
+    #[inline(always)]
+    fn new(config: &Config) -> Self {
+        let off = config.flags & CONFIG_FLAG_NO_TCP_CHECKSUM != 0;
+        Self {
+            result: if off { Some(Checksum::Valid) } else { None },
+        }
+    }
+
+    #[inline(always)]
+    fn get(&mut self, ctx: &XdpContext, scratch: &mut Scratch, ip_end: usize) -> Checksum {
+        match self.result {
+            Some(c) => c,
+            None => {
+                let c = tcp_checksum(ctx, scratch, ip_end);
+                self.result = Some(c);
+                c
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn count_flow(index: usize) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
+        bump(unsafe { &mut (*counters).flows }, index);
+    }
+}
+
+#[inline(always)]
+fn payload_offset(scratch: &Scratch, tcp: &[u8; 20]) -> usize {
+    let data_offset = (tcp[12] >> 4) as usize * 4;
+    scratch.l4_offset as usize + if data_offset < 20 { 20 } else { data_offset }
+}
+
+/// Sequence numbers, requests, capture and the end of a verified flow. May tail-call `aqd_hello` (then it
+/// does not return).
+///
+/// Every segment that gets here has its checksum verified (one longer than `CHECKSUM_MAX_BYTES` only counts
+/// as data). Only new in-order client data advances `next_seq` and counts towards requests: retransmissions
+/// and segments past a gap (which the server holds back or drops) do not. An RST ends the flow only with
+/// exactly the expected sequence number, a FIN only in sequence (RFC 5961: anything else in the window gets a
+/// challenge ACK from the server, out of the window it is dropped); other FIN/RSTs are `PassCloseIgnored`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn track_flow(
     ctx: &XdpContext,
     scratch: &mut Scratch,
     f: &mut FlowState,
     tcp: &[u8; 20],
+    ip_end: usize,
     reason: Reason,
+    established_now: bool,
     config: &Config,
+    checksum: &mut CachedChecksum,
     clock: &mut Clock,
-) {
-    f.last_seen_ns = clock.coarse();
+) -> Reason {
     let flags = tcp[13];
+    let payload_offset = payload_offset(scratch, tcp);
+    let payload_len = ip_end.saturating_sub(payload_offset);
+    let closes = flags & (TCP_FIN | TCP_RST) != 0;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    match checksum.get(ctx, scratch, ip_end) {
+        Checksum::Valid => {}
+        // Too long to check (jumbo frames): data counts, nothing that closes the flow.
+        Checksum::TooLong if !closes => {}
+        _ => return anomaly(reason, Reason::PassBadChecksum),
+    }
+    // Where the segment starts relative to the next expected byte (wrapping arithmetic, RFC 793 style).
+    let rel = seq.wrapping_sub(f.next_seq) as i32;
+    if closes && rel != 0 {
+        return anomaly(reason, Reason::PassCloseIgnored);
+    }
+    if f.flags & flow_flag::FIN_SEEN != 0 {
+        // The server discards client data after its FIN; the verdict (checked before) still applies.
+        if flags & TCP_RST != 0 {
+            let _ = FLOWS.remove(&scratch.flow);
+            count_flow(flow_counter::RESET);
+        }
+        return reason;
+    }
+    f.last_seen_ns = clock.coarse();
     let mut ack_advanced = false;
     if flags & TCP_ACK != 0 {
         let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-        if f.flags & flow_flag::ACK_SEEN == 0 {
-            f.flags |= flow_flag::ACK_SEEN;
-            f.ack_base = ack;
-            f.last_ack = ack;
-            f.ack_at_last_request = ack;
-        } else if (ack.wrapping_sub(f.last_ack) as i32) > 0 {
+        if (ack.wrapping_sub(f.last_ack) as i32) > 0 {
             f.last_ack = ack;
             ack_advanced = true;
         }
     }
-    let payload_offset = scratch.l4_offset as usize + {
-        let data_offset = (tcp[12] >> 4) as usize * 4;
-        if data_offset < 20 { 20 } else { data_offset }
+    // New in-order bytes: the segment starts at or before `next_seq` and ends after it.
+    let new_bytes = if payload_len > 0 && rel <= 0 && (rel as i64 + payload_len as i64) > 0 {
+        (rel as i64 + payload_len as i64) as u32
+    } else {
+        0
     };
-    let ip_end = ip_end(ctx, scratch);
-    let payload_len = ip_end.saturating_sub(payload_offset);
     let requests_on = config.flags & CONFIG_FLAG_REQUEST_EVENTS != 0;
-    let ends = flags & (TCP_FIN | TCP_RST) != 0;
+    let events_on = requests_on || config.flags & CONFIG_FLAG_CONN_EVENTS != 0;
 
-    // At most one request event per packet, from one call site (each inlined emitter costs verifier time):
-    // the open request ends when payload arrives after an idle gap (before this payload joins a new one),
-    // when the client acknowledges new server data (the response has started), or with the flow.
-    if requests_on && f.burst_packets != 0 {
-        let idle = payload_len > 0 && {
+    // At most one flow event per packet, from one call site (each inlined emitter costs verifier time): the
+    // handshake just completed; or the open request ends because new data arrives after an idle gap (before
+    // that data joins a new one), the client acknowledges new server data (the response has started), or the
+    // flow ends.
+    let mut event = None;
+    if established_now {
+        if events_on {
+            event = Some(EventKind::Established);
+        }
+    } else if requests_on && f.burst_packets != 0 {
+        let idle = new_bytes > 0 && {
             let gap = if config.request_gap_ns != 0 {
                 config.request_gap_ns
             } else {
@@ -397,52 +640,66 @@ fn track_flow(
             };
             clock.now().saturating_sub(f.burst_last_ns) > gap
         };
-        if idle || (payload_len == 0 && (ack_advanced || ends)) {
-            emit_flow_event(ctx, scratch, f, EventKind::Request, clock);
+        if idle || (new_bytes == 0 && (ack_advanced || closes)) {
+            event = Some(EventKind::Request);
         }
     }
-    if payload_len > 0 {
-        f.client_bytes += payload_len as u64;
+    if let Some(kind) = event {
+        emit_flow_event(ctx, scratch, f, kind, clock);
+    }
+    if new_bytes > 0 {
+        f.next_seq = f.next_seq.wrapping_add(new_bytes);
+        f.client_bytes += new_bytes as u64;
         if requests_on {
             let now = clock.now();
             if f.burst_packets == 0 {
                 f.burst_start_ns = now;
             }
-            f.burst_bytes += payload_len as u32;
+            f.burst_bytes += new_bytes;
             f.burst_packets += 1;
             f.burst_last_ns = now;
         }
-        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        let stream_offset = seq.wrapping_sub(f.isn).wrapping_sub(1);
-        if config.flags & CONFIG_FLAG_CAPTURE != 0
-            && f.flags & flow_flag::CAPTURE_DONE == 0
-            && stream_offset < CAPTURE_BYTES
-        {
-            scratch.payload_offset = payload_offset as u16;
-            scratch.payload_len = if payload_len > 0xffff {
-                0xffff
-            } else {
-                payload_len as u16
-            };
-            scratch.stream_offset = stream_offset;
-            if stream_offset == 0 && f.flags & flow_flag::HELLO_SEEN == 0 {
-                f.flags |= flow_flag::HELLO_SEEN;
-                scratch.pass_reason = reason as u8;
-                // SAFETY: a tail call with this program's context.
-                unsafe { PROGRAMS.tail_call(ctx, PROG_INDEX_HELLO) };
-                // The table entry is missing: capture without the kernel key.
-            }
-            emit_payload(ctx, scratch, f, 0, 0, 0, clock);
-        }
     }
-
-    if ends {
+    if closes {
         // A FIN carrying payload leaves that last request open; the flow-end totals include its bytes.
         if requests_on {
             emit_flow_event(ctx, scratch, f, EventKind::FlowEnd, clock);
         }
-        let _ = FLOWS.remove(&scratch.flow);
+        if flags & TCP_RST != 0 {
+            let _ = FLOWS.remove(&scratch.flow);
+            count_flow(flow_counter::RESET);
+            return reason;
+        }
+        f.next_seq = f.next_seq.wrapping_add(1);
+        f.flags |= flow_flag::FIN_SEEN;
+        count_flow(flow_counter::FIN);
     }
+
+    if payload_len > 0 {
+        let stream_offset = seq.wrapping_sub(f.isn).wrapping_sub(1);
+        scratch.payload_offset = payload_offset as u16;
+        scratch.payload_len = if payload_len > 0xffff {
+            0xffff
+        } else {
+            payload_len as u16
+        };
+        scratch.stream_offset = stream_offset;
+        if stream_offset == 0 {
+            // The first ClientHello, or a segment at offset 0 again (a retransmission, or an overlap that
+            // may disagree): `aqd_hello` keys it and compares (see there).
+            scratch.pass_reason = reason as u8;
+            // SAFETY: a tail call with this program's context.
+            unsafe { PROGRAMS.tail_call(ctx, PROG_INDEX_HELLO) };
+            // The table entry is missing: capture without the kernel key.
+        }
+        if config.flags & CONFIG_FLAG_CAPTURE != 0
+            && f.flags & flow_flag::CAPTURE_DONE == 0
+            && stream_offset < CAPTURE_BYTES
+        {
+            emit_payload(ctx, scratch, f, 0, 0, 0, clock);
+        }
+    }
+    reason
 }
 
 /// End of the IP packet in the frame (the IP length, so Ethernet padding never counts as payload).

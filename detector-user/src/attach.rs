@@ -13,7 +13,10 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
-use aya::programs::{ProgramInfo, loaded_programs};
+use aya::programs::{
+    ProgramInfo, SchedClassifier, loaded_programs,
+    tc::{self, NlOptions, TcAttachOptions, TcAttachType},
+};
 use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -22,7 +25,7 @@ use netlink_packet_route::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use thiserror::Error;
 
-use detector_common::PROGRAM_NAME;
+use detector_common::{EGRESS_PROGRAM_NAME, PROGRAM_NAME};
 
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
@@ -60,6 +63,21 @@ pub enum AttachError {
         iface: String,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "attaching the TC egress program to {iface} failed: {source} (aqd needs it to verify TCP handshakes; \
+         without it no connection is observed)"
+    )]
+    Egress {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("detaching the TC egress program from {iface} failed: {source}")]
+    EgressDetach {
+        iface: String,
+        #[source]
+        source: tc::TcError,
     },
     #[error("the program attached to {iface} (id {id}) cannot be opened: {source}")]
     Program {
@@ -202,8 +220,52 @@ pub fn attach(program: BorrowedFd<'_>, iface: &str, mode: AttachMode) -> Result<
     }
 }
 
+/// Attaches the TC egress program (server ISNs from SYN-ACKs) to `iface`, replacing aqd's previous one.
+///
+/// A netlink filter on the clsact qdisc, like the XDP attachment it belongs to the interface and outlives the
+/// daemon. The old filter is removed just before the new one is added: a SYN-ACK leaving in those
+/// microseconds is not learned, and that one handshake stays unverified (its packets still pass and are
+/// enforced by address and fingerprint).
+pub fn attach_egress(program: &mut SchedClassifier, iface: &str) -> Result<(), AttachError> {
+    // Fails when the qdisc exists already, which is fine; a real problem shows in the attach below.
+    let _ = tc::qdisc_add_clsact(iface);
+    detach_egress(iface)?;
+    let link = program
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .map_err(|source| AttachError::Egress {
+            iface: iface.into(),
+            source,
+        })?;
+    // Owned by the interface from now on: dropping the link would remove the filter.
+    let link = program.take_link(link).map_err(|source| AttachError::Egress {
+        iface: iface.into(),
+        source,
+    })?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes aqd's TC egress filter from `iface`; `Ok(false)` when there was none.
+pub fn detach_egress(iface: &str) -> Result<bool, AttachError> {
+    match tc::qdisc_detach_program(iface, TcAttachType::Egress, EGRESS_PROGRAM_NAME) {
+        Ok(()) => Ok(true),
+        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        // No clsact qdisc at all: nothing of ours is there.
+        Err(tc::TcError::NetlinkError(_)) if interface_index(iface).is_some() => Ok(false),
+        Err(source) => Err(AttachError::EgressDetach {
+            iface: iface.into(),
+            source,
+        }),
+    }
+}
+
 /// Detaches aqd from `iface`. `Ok(false)` when aqd was not attached there; never touches a foreign program.
 pub fn detach(iface: &str) -> Result<bool, AttachError> {
+    detach_egress(iface)?;
     let Some(attachment) = attachment(iface)? else {
         return Ok(false);
     };

@@ -157,6 +157,11 @@ struct RawProtection {
     management: Vec<Spanned<String>>,
     min_block_prefix_v4: Option<Spanned<u8>>,
     min_block_prefix_v6: Option<Spanned<u8>>,
+    #[serde(default)]
+    pass_tcp_fragments: bool,
+    verify_tcp_checksums: Option<bool>,
+    #[serde(default)]
+    handshake_ack_only: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +233,13 @@ pub struct Config {
     pub management: Vec<IpNet>,
     pub min_block_prefix_v4: u8,
     pub min_block_prefix_v6: u8,
+    /// `[protection] pass_tcp_fragments`: pass TCP fragments towards protected ports (dropped by default).
+    pub pass_tcp_fragments: bool,
+    /// `[protection] verify_tcp_checksums` (default true): off only for generic XDP behind GRO.
+    pub verify_tcp_checksums: bool,
+    /// `[protection] handshake_ack_only`: for hosts that never see the server's SYN-ACK (a load balancer that
+    /// does not terminate TCP); forged sources can then complete handshakes in aqd's eyes.
+    pub handshake_ack_only: bool,
     /// Rate classes by name; id 0 ("default") applies to every source without a decision.
     pub rate_classes: Vec<RateClassConfig>,
     pub allow: Vec<IpNet>,
@@ -567,6 +579,9 @@ impl Config {
             management,
             min_block_prefix_v4,
             min_block_prefix_v6,
+            pass_tcp_fragments: raw.protection.pass_tcp_fragments,
+            verify_tcp_checksums: raw.protection.verify_tcp_checksums.unwrap_or(true),
+            handshake_ack_only: raw.protection.handshake_ack_only,
             rate_classes,
             allow,
             deny,

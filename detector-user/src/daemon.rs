@@ -151,14 +151,8 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         test_clock: false,
     })
     .context("loading the XDP program")?;
-    // Kernel log records (aya-log) go to the `log` facade, which tracing-subscriber forwards to tracing.
-    let mut kernel_log = aya_log::EbpfLogger::init(&mut ebpf).context("aya-log")?;
-    let kernel_log_fd = kernel_log.as_fd().try_clone_to_owned()?;
-    // SAFETY: the duplicated fd is owned by the AsyncFd for its whole registration.
-    let kernel_log_fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(kernel_log_fd, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into_parts().1)?;
+    // The kernel programs do not log (aya-log's formatter is a BPF subprogram whose stack adds to the
+    // caller's); what they see is counted per reason and sent as events.
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
     let audit = AuditLog::open(&config.audit_log)?;
     let events = Arc::new(EventStats::default());
@@ -193,6 +187,11 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         tracing::info!(keys = reinstalled, "fingerprint verdicts reinstalled");
     }
 
+    // The egress program first: SYN-ACKs are learned before the new XDP program looks for them.
+    for iface in &config.interfaces {
+        attach::attach_egress(loader::egress_program_mut(&mut ebpf)?, iface)?;
+    }
+    let program = loader::program_mut(&mut ebpf)?;
     let program_fd = program.fd()?.as_fd();
     for iface in &config.interfaces {
         match attach::attach(program_fd, iface, config.xdp_mode)? {
@@ -268,11 +267,6 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
                     Ok(n) => tracing::debug!(removed = n, "purged expired decisions and list entries"),
                     Err(e) => tracing::warn!("purging expired entries: {e}"),
                 }
-            }
-            readable = kernel_log_fd.readable() => {
-                let mut guard = readable?;
-                kernel_log.flush();
-                guard.clear_ready();
             }
             _ = stats.tick() => {
                 let now = state.lock().expect("state lock").enforcer.maps.counters()?;
@@ -406,7 +400,24 @@ impl DaemonState {
         }
         maps.set_config(ProgramConfig {
             drop_sample_every: config.drop_sample_every,
-            flags: CONFIG_FLAG_CONN_EVENTS | CONFIG_FLAG_CAPTURE | CONFIG_FLAG_REQUEST_EVENTS,
+            flags: CONFIG_FLAG_CONN_EVENTS
+                | CONFIG_FLAG_CAPTURE
+                | CONFIG_FLAG_REQUEST_EVENTS
+                | if config.pass_tcp_fragments {
+                    detector_common::CONFIG_FLAG_PASS_TCP_FRAGMENTS
+                } else {
+                    0
+                }
+                | if config.verify_tcp_checksums {
+                    0
+                } else {
+                    detector_common::CONFIG_FLAG_NO_TCP_CHECKSUM
+                }
+                | if config.handshake_ack_only {
+                    detector_common::CONFIG_FLAG_HANDSHAKE_ACK_ONLY
+                } else {
+                    0
+                },
             test_now_ns: 0,
             request_gap_ns: 0,
         })?;
@@ -613,12 +624,11 @@ impl DaemonState {
             } => {
                 let blocked = *dropped && *action == Action::Block as u8;
                 let max = self.live.settings.max_fingerprints;
+                // SYN statistics only: a SYN's source address may be forged, so a blocked SYN signature
+                // never escalates to a decision on its source (hits on verified flows do, see Payload).
                 self.live
                     .table
                     .record_syn(*syn_key, syn, flow.src, blocked, self.live.p0f.as_ref(), max);
-                if blocked {
-                    self.fingerprint_hit(flow.src, format!("syn:{syn_key:#018x}"), flow.src_port);
-                }
             }
             Event::Payload {
                 time_ns,
@@ -650,7 +660,7 @@ impl DaemonState {
                 }
             }
             Event::FlowEnd(activity) => self.live.reassembler.flow_end(&activity.flow),
-            Event::Request(_) | Event::Drop { .. } => {}
+            Event::Request(_) | Event::Established(_) | Event::Drop { .. } => {}
         }
     }
 

@@ -86,7 +86,7 @@ pub struct FlowActivity {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A SYN to a protected port, with its signature.
+    /// A SYN to a protected port, with its signature. Unverified: anyone can forge a SYN's source address.
     Conn {
         time_ns: u64,
         ifindex: u32,
@@ -109,6 +109,8 @@ pub enum Event {
         action: u8,
         data: Vec<u8>,
     },
+    /// A handshake completed: the flow is verified (`start_ns` is its SYN's time).
+    Established(FlowActivity),
     Request(FlowActivity),
     FlowEnd(FlowActivity),
     /// A sampled drop.
@@ -129,6 +131,7 @@ impl Event {
             Self::Payload { .. } => EventKind::Payload,
             Self::Request(_) => EventKind::Request,
             Self::FlowEnd(_) => EventKind::FlowEnd,
+            Self::Established(_) => EventKind::Established,
         }
     }
 }
@@ -178,7 +181,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 data: e.data[..len].to_vec(),
             })
         }
-        EventKind::Request | EventKind::FlowEnd => {
+        EventKind::Request | EventKind::FlowEnd | EventKind::Established => {
             let e: FlowEvent = read(bytes).ok_or_else(|| short(size_of::<FlowEvent>()))?;
             let activity = FlowActivity {
                 time_ns: e.header.time_ns,
@@ -192,10 +195,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 packets: e.packets,
                 requests: e.requests,
             };
-            Ok(if kind == EventKind::Request {
-                Event::Request(activity)
-            } else {
-                Event::FlowEnd(activity)
+            Ok(match kind {
+                EventKind::Request => Event::Request(activity),
+                EventKind::Established => Event::Established(activity),
+                _ => Event::FlowEnd(activity),
             })
         }
         EventKind::Drop => {

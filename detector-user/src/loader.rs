@@ -13,11 +13,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, ProgramArray},
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use detector_common::{
-    HELLO_PROGRAM_NAME, PROG_INDEX_HELLO, PROG_INDEX_TCP, PROGRAM_NAME, TCP_PROGRAM_NAME, TEST_CLOCK_GLOBAL,
-    map_names,
+    EGRESS_PROGRAM_NAME, HELLO_PROGRAM_NAME, PROG_INDEX_HELLO, PROG_INDEX_TCP, PROGRAM_NAME,
+    TCP_PROGRAM_NAME, TEST_CLOCK_GLOBAL, map_names,
 };
 use thiserror::Error;
 
@@ -118,8 +118,17 @@ pub fn load(options: &LoadOptions) -> Result<Ebpf, LoadError> {
         // A pinned table keeps its entries while no daemon runs; a new daemon swaps in its own programs.
         ProgramArray::try_from(table)?.set(index, &fd, 0)?;
     }
+    egress_program_mut(&mut ebpf)?.load()?;
     program_mut(&mut ebpf)?.load()?;
     Ok(ebpf)
+}
+
+/// The TC egress program (server ISNs from SYN-ACKs, for handshake verification) inside a loaded [`Ebpf`].
+pub fn egress_program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(EGRESS_PROGRAM_NAME)
+        .ok_or(LoadError::MissingProgram(EGRESS_PROGRAM_NAME))?;
+    Ok(program.try_into()?)
 }
 
 /// The XDP program inside a loaded [`Ebpf`].

@@ -205,6 +205,8 @@ pub struct CounterTotals {
     pub by_reason: [u64; REASON_COUNT],
     pub events_sent: [u64; EVENT_KIND_COUNT],
     pub events_lost: [u64; EVENT_KIND_COUNT],
+    /// Connection bookkeeping, by `detector_common::flow_counter` index.
+    pub flows: [u64; detector_common::FLOW_COUNTER_COUNT],
 }
 
 impl CounterTotals {
@@ -716,6 +718,9 @@ impl KernelMaps {
                 *t += v;
             }
             for (t, v) in totals.events_lost.iter_mut().zip(c.events_lost) {
+                *t += v;
+            }
+            for (t, v) in totals.flows.iter_mut().zip(c.flows) {
                 *t += v;
             }
         }

@@ -103,16 +103,15 @@ impl ObservationFeed {
     /// Feeds one kernel event to the model (events that say nothing about requests are ignored).
     pub fn on_event(&mut self, model: &mut Model, event: &Event) {
         match event {
-            Event::Conn {
+            // A SYN proves nothing about its source (anyone can forge one): connections count from their
+            // verified handshake on. SYN statistics stay in the fingerprint stage.
+            Event::Conn { .. } => {}
+            Event::Established(FlowActivity {
                 time_ns,
                 flow,
                 syn_key,
-                dropped,
                 ..
-            } => {
-                if *dropped {
-                    return;
-                }
+            }) => {
                 self.make_room(*time_ns);
                 let fp = model.intern(FingerprintId {
                     ja4: None,
@@ -249,17 +248,32 @@ mod tests {
         }
     }
 
+    /// A verified connection (its handshake completed).
     fn conn(f: Flow, t: u64) -> Event {
-        Event::Conn {
-            time_ns: t,
-            ifindex: 1,
-            flow: f,
-            syn: SynSignature::default(),
-            syn_key: 7,
-            action: 0,
-            dropped: false,
-            isn: 1,
-        }
+        Event::Established(activity(f, t, 0))
+    }
+
+    #[test]
+    fn an_unverified_syn_is_no_connection() {
+        let mut model = Model::new(ModelConfig::default());
+        let mut feed = ObservationFeed::new(16);
+        let f = flow("198.51.100.9", 1000);
+        feed.on_event(
+            &mut model,
+            &Event::Conn {
+                time_ns: 1_000,
+                ifindex: 1,
+                flow: f,
+                syn: SynSignature::default(),
+                syn_key: 7,
+                action: 0,
+                dropped: false,
+                isn: 1,
+            },
+        );
+        // Requests of a flow whose handshake was never seen are unknown, never observations.
+        feed.on_event(&mut model, &Event::Request(activity(f, 2_000, 3)));
+        assert_eq!(feed.stats.unknown_flows, 1);
     }
 
     fn activity(f: Flow, t: u64, n: u32) -> FlowActivity {

@@ -12,6 +12,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use detector_common::{Config, Decision, FlowState, FlowTuple, REASON_COUNT, Reason, map_names};
+
+use crate::packet::Segment;
 use detector_user::{
     events::{self, Event},
     loader::{self, LoadOptions},
@@ -30,6 +32,8 @@ pub struct KernelUnderTest {
     /// not `KernelMaps` takes them too.
     pub fp: FingerprintMaps,
     config: Config,
+    /// `Config::flags` bits kept through every [`Self::set_config`].
+    sticky_flags: u32,
 }
 
 /// Handles on the maps of the fingerprint path, and the event ring buffer.
@@ -81,6 +85,7 @@ impl KernelUnderTest {
             maps,
             fp,
             config: Config::default(),
+            sticky_flags: 0,
         };
         k.set_now(now_ns)?;
         Ok(k)
@@ -100,9 +105,18 @@ impl KernelUnderTest {
     /// Replaces the program config (keeping the test clock).
     pub fn set_config(&mut self, mut config: Config) -> anyhow::Result<()> {
         config.test_now_ns = self.config.test_now_ns;
+        config.flags |= self.sticky_flags;
         self.config = config;
         self.maps.set_config(config)?;
         Ok(())
+    }
+
+    /// Passes TCP fragments to protected ports from now on (`CONFIG_FLAG_PASS_TCP_FRAGMENTS`, kept through
+    /// `set_config`): for the suites that test how the parser and the limits treat fragments. By default
+    /// they are dropped (`Reason::DropTcpFragment`).
+    pub fn pass_tcp_fragments(&mut self) -> anyhow::Result<()> {
+        self.sticky_flags |= detector_common::CONFIG_FLAG_PASS_TCP_FRAGMENTS;
+        self.set_config(self.config)
     }
 
     /// Runs one frame; returns the XDP action.
@@ -121,6 +135,28 @@ impl KernelUnderTest {
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN on a {}-byte frame", frame.len()))?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Runs one frame through the TC egress program, as a packet the host sends; returns the TC action.
+    pub fn run_egress(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
+        let program = loader::egress_program_mut(&mut self.ebpf)?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN (egress) on a {}-byte frame", frame.len()))?;
+        Ok(result.return_value)
+    }
+
+    /// The whole handshake of `syn`'s flow: the SYN (XDP), the server's SYN-ACK (egress), the client's ACK
+    /// (XDP). Afterwards the flow is verified (in `FLOWS`) unless a verdict or limit dropped the SYN.
+    pub fn handshake(&mut self, syn: &Segment) -> anyhow::Result<()> {
+        self.run(&syn.build())?;
+        self.run_egress(&syn.syn_ack().build())?;
+        self.run(&syn.handshake_ack().build())?;
+        Ok(())
     }
 
     /// Runs one frame and reports which reason counter it was counted under.

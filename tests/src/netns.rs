@@ -445,6 +445,11 @@ impl Lab {
         ] {
             neigh(s, addr, SERVER_IF, CLIENT_MAC)?;
         }
+        // Real checksums on the wire, as from a NIC: with TX checksum offload a veth hands over packets whose
+        // TCP checksum is only the pseudo-header's, and aqd's kernel verifies checksums.
+        for (ns, dev) in [(c, CLIENT_IF), (s, SERVER_IF)] {
+            ip(&["netns", "exec", ns.name(), "ethtool", "-K", dev, "tx", "off"])?;
+        }
         for (ns, dev) in [(c, CLIENT_IF), (s, SERVER_IF)] {
             ip_in(ns, "link set lo up")?;
             ip_in(ns, &format!("link set {dev} up"))?;

@@ -356,7 +356,8 @@ pub mod tcp_flag {
 
 /// A TCP segment built byte by byte (no etherparse: the options are raw bytes, malformed ones included).
 /// The IP header is plain (no options); add IPv4 options or IPv6 extension headers with [`with_ipv4_options`]
-/// and [`with_ipv6_ext_headers`] on [`Segment::ip_packet`]. The TCP checksum is left 0 (nothing checks it).
+/// and [`with_ipv6_ext_headers`] on [`Segment::ip_packet`]. The TCP checksum is right (the kernel verifies it
+/// on segments that change flow state) unless `bad_checksum` is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
     pub src: IpAddr,
@@ -382,7 +383,12 @@ pub struct Segment {
     pub ip_flags: u16,
     /// IPv6 flow label (20 bits).
     pub flow_label: u32,
+    /// Write a wrong TCP checksum (the right one + 1).
+    pub bad_checksum: bool,
 }
+
+/// The server ISN the test handshakes use ([`Segment::syn_ack`]); [`Segment::data`] acknowledges it.
+pub const SERVER_ISN: u32 = 5000;
 
 impl Segment {
     /// A SYN with no options, DF set, a non-zero IP ID and ISN 1000.
@@ -405,7 +411,36 @@ impl Segment {
             ip_id: 0x1234,
             ip_flags: 0x4000,
             flow_label: 0,
+            bad_checksum: false,
         }
+    }
+
+    /// The server's SYN-ACK to this SYN (server → client, ISN [`SERVER_ISN`]), as `aqd_egress` sees it leave.
+    pub fn syn_ack(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            seq: SERVER_ISN,
+            ack: self.seq.wrapping_add(1),
+            flags: tcp_flag::SYN | tcp_flag::ACK,
+            options: Vec::new(),
+            data_offset: None,
+            payload: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The client's ACK that completes this SYN's handshake.
+    pub fn handshake_ack(&self) -> Self {
+        self.data(0, &[]).with_flags(tcp_flag::ACK)
+    }
+
+    /// The same segment with a wrong TCP checksum.
+    pub fn with_bad_checksum(mut self) -> Self {
+        self.bad_checksum = true;
+        self
     }
 
     /// The segment of the same flow carrying `payload` at stream offset `offset` (ISN = this SYN's seq).
@@ -466,7 +501,12 @@ impl Segment {
 
     /// The IP packet (plain IPv4 or IPv6 header + TCP).
     pub fn ip_packet(&self) -> Vec<u8> {
-        let tcp = self.tcp_bytes();
+        let mut tcp = self.tcp_bytes();
+        let mut sum = tcp_checksum(self.src, self.dst, &tcp);
+        if self.bad_checksum {
+            sum = sum.wrapping_add(1);
+        }
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
         let mut out = Vec::with_capacity(40 + tcp.len());
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -525,6 +565,33 @@ impl Segment {
             _pad: [0; 3],
         }
     }
+}
+
+/// The TCP checksum of `tcp` (header with a zero checksum field, and payload) between `src` and `dst`.
+pub fn tcp_checksum(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+        }
+        _ => panic!("source and destination must be of the same family"),
+    }
+    pseudo.extend_from_slice(&[0, IPPROTO_TCP]);
+    pseudo.extend_from_slice(&(tcp.len() as u32 as u16).to_be_bytes());
+    let mut sum = 0u32;
+    for chunk in pseudo.chunks(2).chain(tcp.chunks(2)) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += word as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// `frame` padded with `fill` bytes to at least the 60-byte Ethernet minimum (padding after the IP packet).

@@ -668,6 +668,14 @@ fn blocked_syn_signature_drops_the_syn_and_reports_it() {
     let conn = one_conn(&mut k, "another signature");
     assert!(!conn.dropped);
     assert_eq!(conn.action, 0);
+    assert!(k.flow(&other.tuple()).is_none(), "a SYN alone makes no flow");
+    k.run_egress(&other.syn_ack().build()).unwrap();
+    expect(
+        &mut k,
+        &other.handshake_ack().build(),
+        Reason::PassDefault,
+        "handshake ACK",
+    );
     assert!(k.flow(&other.tuple()).is_some());
     assert_eq!(k.syn_verdict(syn_key_of(&blocked)).unwrap().hits, 2);
     // The allowlist still wins (the TCP program is never reached).
@@ -691,26 +699,24 @@ fn throttled_syn_signature_applies_its_rate_class_to_the_flow() {
     expect(&mut k, &syn.build(), Reason::PassThrottled, "throttled SYN");
     let conn = one_conn(&mut k, "throttled SYN");
     assert_eq!((conn.action, conn.dropped), (Action::Throttle as u8, false));
-    let flow = k.flow(&syn.tuple()).expect("a flow");
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    let flow = {
+        k.run(&syn.handshake_ack().build()).unwrap();
+        k.flow(&syn.tuple()).expect("a flow")
+    };
     assert_eq!((flow.action, flow.rate_class), (Action::Throttle as u8, 2));
     // Class 2: one connection per second, burst 1.
     let again = syn.clone().with_src_port(40001);
     expect(&mut k, &again.build(), Reason::DropRateConnections, "second SYN");
     assert!(one_conn(&mut k, "second SYN").dropped);
-    // The flow's packets: class 2 allows 3 packets in a burst (the SYN took one).
+    // The flow's packets: class 2 allows 3 packets in a burst (the SYN and the handshake ACK took two).
     let data = syn.data(0, b"hello");
     expect(&mut k, &data.build(), Reason::PassThrottled, "data 1");
     expect(
         &mut k,
         &syn.data(5, b"more").build(),
-        Reason::PassThrottled,
-        "data 2",
-    );
-    expect(
-        &mut k,
-        &syn.data(9, b"x").build(),
         Reason::DropRatePackets,
-        "data 3",
+        "data 2",
     );
     // A source of the same stack without the verdict's signature is unlimited.
     let plain = Segment {
@@ -771,6 +777,9 @@ fn hello_flow(k: &mut KernelUnderTest, syn: &Segment, payload: &[u8], what: &str
     let _ = k.drain_events().unwrap();
     let out = run(k, &syn.build(), what);
     assert_eq!(out.action, XDP_PASS, "{what}: SYN");
+    // The server's SYN-ACK leaves through the egress program; the data segment then completes the handshake.
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    k.run(&syn.handshake_ack().build()).unwrap();
     let out = run(k, &syn.data(0, payload).build(), what);
     let events = k.drain_events().unwrap();
     (out, payloads(&events))
@@ -941,7 +950,7 @@ fn blocked_hello_key_drops_the_client_hello_and_the_flow() {
     let (out, events) = hello_flow(&mut k, &syn.clone().with_src_port(40004), &record, "expired");
     assert_eq!(out.reason, Reason::PassDefault);
     assert_eq!((events[0].hello_key, events[0].action), (key, 0));
-    // Without capture there is no ClientHello key (the kernel does not look at payload).
+    // Without capture the ClientHello is still keyed and its verdict enforced; nothing is sent.
     k.set_hello_verdict(key, block_verdict()).unwrap();
     k.set_config(Config {
         flags: CONFIG_FLAG_CONN_EVENTS,
@@ -949,7 +958,7 @@ fn blocked_hello_key_drops_the_client_hello_and_the_flow() {
     })
     .unwrap();
     let (out, events) = hello_flow(&mut k, &syn.clone().with_src_port(40005), &record, "capture off");
-    assert_eq!(out.reason, Reason::PassDefault);
+    assert_eq!(out.reason, Reason::DropHelloFingerprint);
     assert!(events.is_empty());
 }
 
@@ -1160,6 +1169,8 @@ fn capture_covers_the_first_4096_bytes_in_at_most_6_events() {
     // 1000-byte segments: events at 0, 1000, 2000, 3000, 4000 (which crosses 4096); nothing after.
     let syn = base_syn(false).with_src_port(42001);
     run(&mut k, &syn.build(), "syn");
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    k.run(&syn.handshake_ack().build()).unwrap();
     let _ = k.drain_events().unwrap();
     for offset in (0..8000).step_by(1000) {
         expect(
@@ -1182,6 +1193,8 @@ fn capture_covers_the_first_4096_bytes_in_at_most_6_events() {
     // 10-byte segments: at most CAPTURE_MAX_EVENTS events.
     let syn = base_syn(false).with_src_port(42002);
     run(&mut k, &syn.build(), "syn");
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    k.run(&syn.handshake_ack().build()).unwrap();
     for offset in (0..200).step_by(10) {
         expect(
             &mut k,
@@ -1196,6 +1209,8 @@ fn capture_covers_the_first_4096_bytes_in_at_most_6_events() {
     // the event's chunk.
     let syn = base_syn(false).with_src_port(42003);
     run(&mut k, &syn.build(), "syn");
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    k.run(&syn.handshake_ack().build()).unwrap();
     expect(
         &mut k,
         &syn.data(CAPTURE_BYTES, &[1; 100]).build(),
@@ -1252,6 +1267,8 @@ fn request_events_follow_bursts_acks_and_the_flow_end() {
         now
     };
     run(&mut k, &syn.build(), "syn");
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    k.run(&syn.handshake_ack().build()).unwrap();
     // Handshake ACK (sets the ACK base), then a first burst of two segments 1 ms apart.
     step(&mut k, 1, ack(0, server_isn + 1, tcp_flag::ACK, b""));
     let t_first = step(
@@ -1316,7 +1333,9 @@ fn request_events_follow_bursts_acks_and_the_flow_end() {
         (375, 3, 1000)
     );
     assert_eq!(end[0].syn_key, syn_key_of(&syn));
-    assert!(k.flow(&syn.tuple()).is_none(), "the flow is removed at FIN");
+    // An in-sequence FIN closes the flow: it stays (its verdict keeps applying) but counts nothing more.
+    let closed = k.flow(&syn.tuple()).expect("a closed flow stays until evicted");
+    assert_ne!(closed.flags & detector_common::flow::flow_flag::FIN_SEEN, 0);
     // Packets after the end are untracked.
     step(
         &mut k,
@@ -1327,6 +1346,8 @@ fn request_events_follow_bursts_acks_and_the_flow_end() {
     // RST ends a flow too; with request events off, nothing is sent but the flow still goes.
     let rst_flow = base_syn(false).with_src_port(43001);
     run(&mut k, &rst_flow.build(), "syn");
+    k.run_egress(&rst_flow.syn_ack().build()).unwrap();
+    k.run(&rst_flow.handshake_ack().build()).unwrap();
     let rst = Segment {
         flags: tcp_flag::RST | tcp_flag::ACK,
         ..rst_flow.data(0, b"")

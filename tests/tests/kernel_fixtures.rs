@@ -15,7 +15,7 @@ use aqd_tests::{
     kernel::{KernelUnderTest, Outcome, XDP_ABORTED, XDP_DROP, XDP_PASS},
     packet::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, Frame, Ipv6Ext, Segment, Transport,
-        ethernet, ipv4_checksum, ipv4_nop_options,
+        ethernet, ipv4_checksum, ipv4_nop_options, tcp_flag, with_ipv4_fragment, with_ipv6_ext_headers,
     },
 };
 use detector_common::{
@@ -31,8 +31,12 @@ const T0: u64 = 1_000 * SEC;
 /// Ports made protected by [`observe_ports`].
 const PROTECTED: [u16; 3] = [53, 80, 443];
 
+/// Fragments pass here: these fixtures test how they are parsed and limited; their default drop is tested
+/// in kernel_adversarial.
 fn load() -> KernelUnderTest {
-    KernelUnderTest::load(T0).expect("loading the XDP program (kernel tests need root)")
+    let mut k = KernelUnderTest::load(T0).expect("loading the XDP program (kernel tests need root)");
+    k.pass_tcp_fragments().expect("config");
+    k
 }
 
 fn net(s: &str) -> IpNet {
@@ -1742,23 +1746,61 @@ fn counters_add_up_over_a_mixed_run() {
         let syn = Segment::syn(&src, "10.0.0.1", 443).with_src_port(41000 + round);
         let data = syn.data(0, &hello);
         let later = syn.data(hello.len() as u32, b"GET / HTTP/1.1\r\n\r\n");
+        let synack = syn.syn_ack().build();
         for (frame, expected) in [
             (
                 blocked_syn.clone().with_src_port(41000 + round).build(),
                 Reason::DropSynFingerprint,
             ),
             (syn.build(), Reason::PassDefault),
+            (Vec::new(), Reason::PassDefault),
             (data.build(), Reason::DropHelloFingerprint),
             (later.build(), Reason::DropFlowFingerprint),
         ] {
+            if frame.is_empty() {
+                // The server's SYN-ACK leaves through the egress program (no XDP reason); the data segment
+                // then completes the handshake.
+                k.run_egress(&synack).unwrap();
+                continue;
+            }
             let out = k.classify(&frame).unwrap();
             assert_eq!(out.reason, expected);
             record(out.reason, out.action);
         }
     }
+    // The flow-integrity reasons, on a verified flow: a bad checksum, an RST out of sequence.
+    let syn = Segment::syn("192.0.2.200", "10.0.0.1", 443).with_src_port(42000);
+    let synack = syn.syn_ack().build();
+    for (frame, expected) in [
+        (syn.build(), Reason::PassDefault),
+        (Vec::new(), Reason::PassDefault),
+        (syn.handshake_ack().build(), Reason::PassDefault),
+        (
+            syn.data(0, b"x").with_bad_checksum().build(),
+            Reason::PassBadChecksum,
+        ),
+        (
+            syn.data(1000, b"")
+                .with_flags(tcp_flag::RST | tcp_flag::ACK)
+                .build(),
+            Reason::PassCloseIgnored,
+        ),
+    ] {
+        if frame.is_empty() {
+            k.run_egress(&synack).unwrap();
+            continue;
+        }
+        // Class 0 allows a burst of 2 packets: space them out.
+        k.set_now(k.now() + 2_000_000_000).unwrap();
+        let out = k.classify(&frame).unwrap();
+        assert_eq!(out.reason, expected);
+        record(out.reason, out.action);
+    }
     let counters = k.counters().unwrap();
     assert_eq!(counters.packets(), sent);
     assert_eq!(counters.by_reason, tally);
+    // Fragments pass in this suite (see `load`); their default drop has its own test.
+    tally[Reason::DropTcpFragment as usize] += 1;
     assert!(tally.iter().all(|&n| n > 0), "every reason reached: {tally:?}");
     let by_verdict = |verdict: Verdict| -> u64 {
         Reason::ALL
@@ -1770,10 +1812,13 @@ fn counters_add_up_over_a_mixed_run() {
     assert_eq!(by_verdict(Verdict::Pass), passes);
     assert_eq!(by_verdict(Verdict::Drop), drops);
     // No events without the config asking for them: only the capture of the 20 ClientHellos.
-    let mut expected_events = [0; 5];
+    let mut expected_events = [0; detector_common::event::EVENT_KIND_COUNT];
     expected_events[EventKind::Payload as usize] = 20;
     assert_eq!(counters.events_sent, expected_events);
-    assert_eq!(counters.events_lost, [0; 5]);
+    assert_eq!(
+        counters.events_lost,
+        [0; detector_common::event::EVENT_KIND_COUNT]
+    );
 }
 
 /// Keeps the calling test thread on one CPU, so per-CPU state (the drop-sample tick) is one counter.
@@ -1846,7 +1891,10 @@ fn syn_to_protected_port_emits_a_connection_event() {
     }
     let counters = k.counters().unwrap();
     assert_eq!(counters.events_sent[EventKind::Drop as usize], 0);
-    assert_eq!(counters.events_lost, [0; 5]);
+    assert_eq!(
+        counters.events_lost,
+        [0; detector_common::event::EVENT_KIND_COUNT]
+    );
 }
 
 #[test]
@@ -1874,7 +1922,10 @@ fn every_drop_emits_a_drop_event_when_sampling_every_drop() {
     assert_eq!(events_sent(&k, EventKind::Drop) - before, 1);
     let counters = k.counters().unwrap();
     assert_eq!(counters.events_sent[EventKind::Conn as usize], 0);
-    assert_eq!(counters.events_lost, [0; 5]);
+    assert_eq!(
+        counters.events_lost,
+        [0; detector_common::event::EVENT_KIND_COUNT]
+    );
 }
 
 #[test]
@@ -2184,5 +2235,59 @@ fn ipv4_and_ipv6_frames_use_their_own_ethertype() {
         &mut k,
         &ethernet(&[], ETH_P_IPV4, &v6.ip_packet()),
         Reason::PassMalformed,
+    );
+}
+
+#[test]
+fn tcp_fragments_to_protected_ports_are_dropped_by_default() {
+    let mut k = KernelUnderTest::load(T0).expect("loading the XDP program (kernel tests need root)");
+    k.maps.set_protected_ports(&[443]).unwrap();
+    let syn = Segment::syn("192.0.2.201", "10.0.0.1", 443);
+    let v6 = Segment::syn("2001:db8::201", "2001:db8::1", 443);
+    let v4_fragment = |seg: &Segment, offset8: u16, more: bool| {
+        ethernet(
+            &[],
+            ETH_P_IPV4,
+            &with_ipv4_fragment(&seg.ip_packet(), offset8, more),
+        )
+    };
+    let v6_ext = |exts: &[Ipv6Ext]| ethernet(&[], ETH_P_IPV6, &with_ipv6_ext_headers(&v6.ip_packet(), exts));
+    for (frame, what) in [
+        (v4_fragment(&syn, 0, true), "first fragment"),
+        (v4_fragment(&syn, 3, false), "later fragment"),
+        (
+            v6_ext(&[Ipv6Ext::Fragment {
+                offset8: 0,
+                more: true,
+            }]),
+            "IPv6 first fragment",
+        ),
+        (
+            v6_ext(&[Ipv6Ext::Fragment {
+                offset8: 2,
+                more: false,
+            }]),
+            "IPv6 later fragment",
+        ),
+    ] {
+        assert_eq!(
+            k.classify(&frame).unwrap().reason,
+            Reason::DropTcpFragment,
+            "{what}"
+        );
+    }
+    // An atomic fragment (offset 0, no more) is a whole packet (RFC 6946); other ports are untouched.
+    let atomic = v6_ext(&[Ipv6Ext::Fragment {
+        offset8: 0,
+        more: false,
+    }]);
+    assert_eq!(k.classify(&atomic).unwrap().reason, Reason::PassDefault);
+    let ssh = v4_fragment(&Segment::syn("192.0.2.201", "10.0.0.1", 22), 0, true);
+    assert_eq!(k.classify(&ssh).unwrap().reason, Reason::PassDefault);
+    // The config key passes them.
+    k.pass_tcp_fragments().unwrap();
+    assert_eq!(
+        k.classify(&v4_fragment(&syn, 0, true)).unwrap().reason,
+        Reason::PassDefault
     );
 }

@@ -76,6 +76,8 @@ const PROTO_UNKNOWN: u8 = 0;
 /// Loads the program with the rules every test here uses (see the module doc).
 fn load() -> KernelUnderTest {
     let mut k = KernelUnderTest::load(T0).expect("loading the XDP program (kernel tests need root)");
+    // This suite tests how fragments are parsed and limited; their default drop is tested in kernel_adversarial.
+    k.pass_tcp_fragments().unwrap();
     k.maps.set_protected_ports(&[PORT]).unwrap();
     // Class 0 (everyone) and class 1 (the throttled sources) alike: see the module doc.
     for class in [0, 1] {

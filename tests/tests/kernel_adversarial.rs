@@ -1,0 +1,249 @@
+//! What a client (or a forger) can do to the kernel's view of a connection, through `BPF_PROG_TEST_RUN`:
+//! forged and out-of-window closes, bad-checksum decoys, ClientHellos that disagree, handshakes that were never
+//! completed, and a SYN flood. None of it may erase a tracked flow, hide its ClientHello from its verdict, or
+//! make the kernel record traffic of a source that never completed a handshake.
+//!
+//! Needs root (it loads the programs).
+
+use aqd_tests::{
+    fp::{block_verdict, client_hello_record, hello_key_of_record},
+    kernel::{KernelUnderTest, XDP_DROP, XDP_PASS},
+    packet::{Segment, tcp_flag},
+};
+use detector_common::{
+    CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, Reason,
+    flow::flow_flag, flow_counter,
+};
+use detector_user::events::Event;
+
+const SEC: u64 = 1_000_000_000;
+const T0: u64 = 1_000 * SEC;
+const PORT: u16 = 443;
+
+fn load() -> KernelUnderTest {
+    let mut k = KernelUnderTest::load(T0).expect("loading the XDP program (kernel tests need root)");
+    k.maps.set_protected_ports(&[PORT]).unwrap();
+    k.set_config(Config {
+        flags: CONFIG_FLAG_CAPTURE | CONFIG_FLAG_CONN_EVENTS | CONFIG_FLAG_REQUEST_EVENTS,
+        ..Config::default()
+    })
+    .unwrap();
+    k
+}
+
+fn client(port: u16) -> Segment {
+    Segment::syn("192.0.2.7", "10.0.0.1", PORT).with_src_port(port)
+}
+
+fn reason(k: &mut KernelUnderTest, segment: &Segment) -> Reason {
+    k.classify(&segment.build()).unwrap().reason
+}
+
+/// Events other than SYN statistics: what the model would see.
+fn observed(k: &mut KernelUnderTest) -> Vec<Event> {
+    k.drain_events()
+        .unwrap()
+        .into_iter()
+        .filter(|e| !matches!(e, Event::Conn { .. }))
+        .collect()
+}
+
+fn rst(syn: &Segment, offset: u32) -> Segment {
+    syn.data(offset, b"").with_flags(tcp_flag::RST | tcp_flag::ACK)
+}
+
+#[test]
+fn out_of_window_and_bad_checksum_closes_keep_the_flow_and_its_verdict() {
+    let mut k = load();
+    let hello = client_hello_record();
+    k.set_hello_verdict(hello_key_of_record(&hello), block_verdict())
+        .unwrap();
+    let syn = client(40000);
+    k.handshake(&syn).unwrap();
+    assert!(k.flow(&syn.tuple()).is_some(), "handshake verified");
+    // RSTs the server would not accept (RFC 5961): far out of the window, one byte off, a bad checksum.
+    assert_eq!(reason(&mut k, &rst(&syn, 1 << 30)), Reason::PassCloseIgnored);
+    assert_eq!(reason(&mut k, &rst(&syn, 1)), Reason::PassCloseIgnored);
+    assert_eq!(
+        reason(&mut k, &rst(&syn, 0).with_bad_checksum()),
+        Reason::PassBadChecksum
+    );
+    let fin = syn.data(7, b"").with_flags(tcp_flag::FIN | tcp_flag::ACK);
+    assert_eq!(reason(&mut k, &fin), Reason::PassCloseIgnored);
+    assert!(
+        k.flow(&syn.tuple()).is_some(),
+        "the flow survives every ignored close"
+    );
+    // So the ClientHello is still keyed and dropped, and so is the rest of the flow.
+    assert_eq!(reason(&mut k, &syn.data(0, &hello)), Reason::DropHelloFingerprint);
+    assert_eq!(
+        reason(&mut k, &syn.data(hello.len() as u32, b"GET /")),
+        Reason::DropFlowFingerprint
+    );
+    let counters = k.counters().unwrap();
+    assert_eq!(counters.flows[flow_counter::RESET], 0);
+}
+
+#[test]
+fn an_in_sequence_rst_ends_the_flow_and_a_fin_closes_it() {
+    let mut k = load();
+    let syn = client(40001);
+    k.handshake(&syn).unwrap();
+    assert_eq!(reason(&mut k, &syn.data(0, b"hello")), Reason::PassDefault);
+    // After 5 bytes the next sequence number is offset 5: exactly that RST is accepted.
+    assert_eq!(reason(&mut k, &rst(&syn, 5)), Reason::PassDefault);
+    assert!(k.flow(&syn.tuple()).is_none());
+    assert_eq!(k.counters().unwrap().flows[flow_counter::RESET], 1);
+    let _ = k.drain_events().unwrap();
+
+    let syn = client(40002);
+    k.handshake(&syn).unwrap();
+    let fin = syn.data(0, b"bye").with_flags(tcp_flag::FIN | tcp_flag::ACK);
+    assert_eq!(reason(&mut k, &fin), Reason::PassDefault);
+    let flow = k.flow(&syn.tuple()).expect("a closed flow stays");
+    assert_ne!(flow.flags & flow_flag::FIN_SEEN, 0);
+    assert_eq!(flow.next_seq, syn.seq.wrapping_add(1 + 3 + 1));
+    let ends = observed(&mut k)
+        .into_iter()
+        .filter(|e| matches!(e, Event::FlowEnd(_)))
+        .count();
+    assert_eq!(ends, 1);
+}
+
+#[test]
+fn a_bad_checksum_decoy_client_hello_is_not_keyed() {
+    let mut k = load();
+    let hello = client_hello_record();
+    let blocked = hello_key_of_record(&hello);
+    k.set_hello_verdict(blocked, block_verdict()).unwrap();
+    // The decoy: a ClientHello the server drops (bad checksum) and whose key is not blocked.
+    let mut decoy = hello.clone();
+    let last = decoy.len() - 1;
+    decoy[last] ^= 0x5a;
+    let syn = client(40003);
+    k.handshake(&syn).unwrap();
+    let _ = k.drain_events().unwrap();
+    assert_eq!(
+        reason(&mut k, &syn.data(0, &decoy).with_bad_checksum()),
+        Reason::PassBadChecksum
+    );
+    let flow = k.flow(&syn.tuple()).unwrap();
+    assert_eq!(flow.hello_key, 0, "the decoy was not keyed");
+    assert_eq!(flow.next_seq, syn.seq.wrapping_add(1), "nor counted as data");
+    assert!(observed(&mut k).is_empty(), "nor captured");
+    // The real one, as the server gets it, is keyed and dropped.
+    assert_eq!(reason(&mut k, &syn.data(0, &hello)), Reason::DropHelloFingerprint);
+}
+
+#[test]
+fn client_hellos_that_disagree_mark_the_flow_and_the_stricter_verdict_applies() {
+    let mut k = load();
+    let hello = client_hello_record();
+    let blocked = hello_key_of_record(&hello);
+    k.set_hello_verdict(blocked, block_verdict()).unwrap();
+    // First an unremarkable segment at offset 0 (not a ClientHello the kernel keys), then the blocked one
+    // "retransmitted" over it.
+    let syn = client(40004);
+    k.handshake(&syn).unwrap();
+    let other = vec![0x16, 0x03, 0x01, 0x00, 0x01, 0x02];
+    assert_eq!(reason(&mut k, &syn.data(0, &other)), Reason::PassDefault);
+    assert_eq!(reason(&mut k, &syn.data(0, &hello)), Reason::DropHelloFingerprint);
+    let flow = k.flow(&syn.tuple()).unwrap();
+    assert_ne!(flow.flags & flow_flag::SUSPECT, 0);
+    // A true retransmission (same bytes) is no disagreement.
+    let syn = client(40005);
+    k.handshake(&syn).unwrap();
+    let plain = b"GET / HTTP/1.1\r\n\r\n";
+    assert_eq!(reason(&mut k, &syn.data(0, plain)), Reason::PassDefault);
+    assert_eq!(reason(&mut k, &syn.data(0, plain)), Reason::PassDefault);
+    assert_eq!(k.flow(&syn.tuple()).unwrap().flags & flow_flag::SUSPECT, 0);
+}
+
+#[test]
+fn forged_sources_never_complete_a_handshake_and_record_nothing() {
+    let mut k = load();
+    let hello = client_hello_record();
+    k.set_hello_verdict(hello_key_of_record(&hello), block_verdict())
+        .unwrap();
+    // A hydra of forged addresses in one /24: SYN, then the ACK and templated data a blind sender can make
+    // (it never saw the SYN-ACK, so it guesses the server's ISN).
+    for i in 0..200u32 {
+        let syn = Segment::syn(&format!("198.51.100.{}", i % 250), "10.0.0.1", PORT)
+            .with_src_port(30000 + i as u16);
+        assert_eq!(reason(&mut k, &syn), Reason::PassDefault);
+        // The server did answer (to the real owner of the address): egress learns its ISN.
+        k.run_egress(&syn.syn_ack().build()).unwrap();
+        let guess = |seg: Segment| Segment {
+            ack: 777_000 + i,
+            ..seg
+        };
+        assert_eq!(reason(&mut k, &guess(syn.handshake_ack())), Reason::PassDefault);
+        assert_eq!(
+            reason(&mut k, &guess(syn.data(0, b"POST /v1/chat {templated}"))),
+            Reason::PassDefault
+        );
+        assert!(k.flow(&syn.tuple()).is_none(), "forged flow {i} tracked");
+    }
+    assert!(
+        observed(&mut k).is_empty(),
+        "no event from a forged source may reach the model"
+    );
+    let counters = k.counters().unwrap();
+    assert_eq!(counters.flows[flow_counter::ESTABLISHED], 0);
+    assert!(counters.flows[flow_counter::HANDSHAKE_FAILED] >= 200);
+    // A blocked ClientHello is dropped on an unverified flow too.
+    let syn = Segment::syn("198.51.100.251", "10.0.0.1", PORT);
+    let _ = reason(&mut k, &syn);
+    let out = k.classify(&syn.data(0, &hello).build()).unwrap();
+    assert_eq!((out.action, out.reason), (XDP_DROP, Reason::DropHelloFingerprint));
+}
+
+#[test]
+fn a_second_syn_with_another_isn_cannot_unverify_the_real_connection() {
+    let mut k = load();
+    let syn = client(40006);
+    assert_eq!(reason(&mut k, &syn), Reason::PassDefault);
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    // Another SYN of the tuple with another ISN (the server ignores it, its SYN-RECV stays).
+    let other = Segment {
+        seq: 123_456,
+        ..syn.clone()
+    };
+    assert_eq!(reason(&mut k, &other), Reason::PassDefault);
+    assert_eq!(reason(&mut k, &syn.handshake_ack()), Reason::PassDefault);
+    assert!(k.flow(&syn.tuple()).is_some());
+    // And a SYN on an established flow changes nothing (the server answers with a challenge ACK).
+    assert_eq!(reason(&mut k, &other), Reason::PassDefault);
+    assert_eq!(k.flow(&syn.tuple()).unwrap().isn, syn.seq);
+}
+
+#[test]
+fn a_random_source_syn_flood_leaves_established_flows_tracked() {
+    let mut k = load();
+    let keep_alive = client(40007);
+    k.handshake(&keep_alive).unwrap();
+    assert_eq!(reason(&mut k, &keep_alive.data(0, b"first")), Reason::PassDefault);
+    // More spoofed SYNs than the half-open table holds.
+    let flood = detector_common::capacity::HALF_OPEN + 10_000;
+    for i in 0..flood {
+        let src = format!("100.{}.{}.{}", 64 + (i >> 16) % 64, (i >> 8) & 0xff, i & 0xff);
+        let syn = Segment::syn(&src, "10.0.0.1", PORT).with_src_port(1024 + (i % 60000) as u16);
+        assert_eq!(k.run(&syn.build()).unwrap(), XDP_PASS);
+    }
+    let _ = k.drain_events().unwrap();
+    assert!(
+        k.flow(&keep_alive.tuple()).is_some(),
+        "the established flow was evicted"
+    );
+    // It still produces request events: a second request after an idle gap.
+    k.set_now(T0 + SEC).unwrap();
+    assert_eq!(
+        reason(&mut k, &keep_alive.data(5, b"second")),
+        Reason::PassDefault
+    );
+    let requests = observed(&mut k)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Request(_)))
+        .count();
+    assert_eq!(requests, 1);
+}
