@@ -99,6 +99,21 @@ const DEB_PACKAGES: &[DebPackage] = &[
         purpose: "the TLS test server and the Python `ssl`/`http.client` client in the fingerprint tests",
     },
     DebPackage {
+        name: "nftables",
+        version: None,
+        purpose: "`nft` netdev ingress, the flood benchmark's in-kernel baseline",
+    },
+    DebPackage {
+        name: "nghttp2-client",
+        version: None,
+        purpose: "`h2load`, the HTTPS load generator of the flood benchmark",
+    },
+    DebPackage {
+        name: "nghttp2-server",
+        version: None,
+        purpose: "`nghttpd`, the HTTPS server of the flood benchmark",
+    },
+    DebPackage {
         name: "g++",
         version: None,
         purpose: "C++ compiler for libFuzzer (libfuzzer-sys, `cargo fuzz`)",
@@ -819,7 +834,7 @@ mod tests {
             format!(
                 "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
                  libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump curl openssl \
-                 python3 g++",
+                 python3 nftables nghttp2-client nghttp2-server g++",
                 v = RUST_WEB_VERSION
             )
         );
