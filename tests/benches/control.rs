@@ -29,7 +29,7 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -81,43 +81,6 @@ fn v4_at(base: [u8; 4], offset: u32) -> Ipv4Addr {
 
 fn addresses(base: [u8; 4], n: u32) -> Vec<String> {
     (0..n).map(|i| v4_at(base, i).to_string()).collect()
-}
-
-// ---- the release binary ----
-
-/// `$AQD_BIN`, else the release `aqd` next to this bench's profile directory, built (or found up to date) by
-/// `cargo build --release -p detector-user`.
-fn release_aqd() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("AQD_BIN") {
-        let path = PathBuf::from(path);
-        ensure!(path.is_file(), "AQD_BIN={} is not a file", path.display());
-        return Ok(path);
-    }
-    // The bench runs from <target>/release/deps/control-<hash>; `cargo build --release` (same CARGO_TARGET_DIR,
-    // inherited) puts aqd into <target>/release.
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .filter(|d| d.file_name().is_some_and(|n| n == "release"))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    eprintln!("building the release aqd: cargo build --release -p detector-user --bin aqd");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "detector-user", "--bin", "aqd"])
-        .current_dir(&workspace)
-        .stdin(Stdio::null())
-        .status()
-        .context("running cargo build --release -p detector-user")?;
-    ensure!(
-        status.success(),
-        "cargo build --release -p detector-user failed ({status})"
-    );
-    let aqd = release.join("aqd");
-    ensure!(aqd.is_file(), "no aqd at {} after the build", aqd.display());
-    Ok(aqd)
 }
 
 // ---- the daemon process ----
@@ -780,7 +743,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let bench_start = Instant::now();
-    let aqd = release_aqd()?;
+    let aqd = netns::release_aqd()?;
     // SAFETY: no other thread exists yet. The lab runs `$AQD_BIN` (else the debug build).
     unsafe { std::env::set_var("AQD_BIN", &aqd) };
     let mut lab = Lab::new()?;

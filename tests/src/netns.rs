@@ -99,6 +99,41 @@ pub fn aqd_bin() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `$AQD_BIN`, else the release `aqd` next to this bench's profile directory, built (or found up to date) by
+/// `cargo build --release -p detector-user`.
+pub fn release_aqd() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("AQD_BIN") {
+        let path = PathBuf::from(path);
+        ensure!(path.is_file(), "AQD_BIN={} is not a file", path.display());
+        return Ok(path);
+    }
+    // A bench runs from <target>/release/deps/<bench>-<hash>; `cargo build --release` (same CARGO_TARGET_DIR,
+    // inherited) puts aqd into <target>/release.
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .filter(|d| d.file_name().is_some_and(|n| n == "release"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    eprintln!("building the release aqd: cargo build --release -p detector-user --bin aqd");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "detector-user", "--bin", "aqd"])
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .status()
+        .context("running cargo build --release -p detector-user")?;
+    ensure!(
+        status.success(),
+        "cargo build --release -p detector-user failed ({status})"
+    );
+    let aqd = release.join("aqd");
+    ensure!(aqd.is_file(), "no aqd at {} after the build", aqd.display());
+    Ok(aqd)
+}
+
 /// Address family of a probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: bootstrap, then the benchmarks: the data path (`datapath`: per-packet cost vs a bare
-//! XDP_PASS floor and xdp-filter), the control plane (`control`: decisions per second, daemon memory, JA4
-//! throughput) and the model (`model`: observations per second, bytes per tracked source).
+//! XDP_PASS floor and xdp-filter), the flood over a veth (`flood`: Mpps of aqd, a bare XDP_DROP, xdp-filter and nft
+//! netdev ingress under a live-frames XDP_TX generator, then HTTPS requests/s with and without `aqd run`), the
+//! control plane (`control`: decisions per second, daemon memory, JA4 throughput) and the model (`model`:
+//! observations per second, bytes per tracked source).
 //!
 //! cargo's exit status is propagated as is (including when the bench target does not exist).
 
@@ -27,6 +29,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "datapath",
         "--bench",
         "control",
+        "--bench",
+        "flood",
     ]);
     if !args.bench_args.is_empty() {
         cargo.arg("--").args(&args.bench_args);

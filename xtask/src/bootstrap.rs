@@ -99,6 +99,21 @@ const DEB_PACKAGES: &[DebPackage] = &[
         purpose: "the TLS test server and the Python `ssl`/`http.client` client in the fingerprint tests",
     },
     DebPackage {
+        name: "nftables",
+        version: None,
+        purpose: "`nft` netdev ingress, the flood benchmark's in-kernel baseline",
+    },
+    DebPackage {
+        name: "nghttp2-client",
+        version: None,
+        purpose: "`h2load`, the HTTPS load generator of the flood benchmark",
+    },
+    DebPackage {
+        name: "nghttp2-server",
+        version: None,
+        purpose: "`nghttpd`, the HTTPS server of the flood benchmark",
+    },
+    DebPackage {
         name: "g++",
         version: None,
         purpose: "C++ compiler for libFuzzer (libfuzzer-sys, `cargo fuzz`)",
@@ -666,7 +681,8 @@ mod tests {
         let dpkg = "llvm-22-dev\tii \t1:22.1.8\nrustc-web\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     cargo-web\tii \t1.96.1+dfsg1-1~deb12u1\nlibstd-rust-web-dev-bpf\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n\
-                    curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\ng++\tii \t4:12.2.0-3\n";
+                    curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\nnftables\tii \t1.0.6\n\
+                    nghttp2-client\tii \t1.52.0\nnghttp2-server\tii \t1.52.0\ng++\tii \t4:12.2.0-3\n";
         let mut inv = inventory(dpkg, Some("bpf-linker 0.13.0\n"));
         assert_eq!(
             inv.missing().len(),
@@ -691,6 +707,9 @@ mod tests {
         curl\tii \t7.88.1-10+deb12u15\n\
         openssl\tii \t3.0.19-1~deb12u2\n\
         python3\tii \t3.11.2-1+b1\n\
+        nftables\tii \t1.0.6-2+deb12u2\n\
+        nghttp2-client\tii \t1.52.0-1+deb12u2\n\
+        nghttp2-server\tii \t1.52.0-1+deb12u2\n\
         g++\tii \t4:12.2.0-3\n";
 
     #[test]
@@ -819,7 +838,7 @@ mod tests {
             format!(
                 "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
                  libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump curl openssl \
-                 python3 g++",
+                 python3 nftables nghttp2-client nghttp2-server g++",
                 v = RUST_WEB_VERSION
             )
         );
