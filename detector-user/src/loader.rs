@@ -3,6 +3,16 @@
 //! Restarts and upgrades leave no gap: maps are pinned in bpffs and the XDP attachment belongs to the
 //! interface (see [`crate::attach`]), so the kernel keeps enforcing while no daemon runs. A new daemon loads its
 //! program against the *same* pinned maps and swaps it in atomically.
+//!
+//! # Minimum kernel: 5.18
+//!
+//! [`load`] first checks the running kernel's release ([`check_kernel`]) against [`KERNEL_FEATURES`], the
+//! kernel features the programs use and the release that introduced each; the newest is `bpf_xdp_load_bytes`
+//! (5.18), which `aqd_tcp` and `aqd_hello` use to read TCP options and the ClientHello. An older kernel is
+//! refused with the missing features named, instead of a verifier log about an unknown helper.
+//! Distribution kernels that backport these features (RHEL 9's 5.14, for example) can skip the check with
+//! `AQD_SKIP_KERNEL_CHECK=1`; the verifier still has the last word. `cargo xtask kernels` runs the kernel
+//! tests on Debian's 6.1 and 6.12 kernels and the running one.
 
 use std::{
     ffi::CString,
@@ -70,6 +80,91 @@ pub enum LoadError {
     TailCalls(#[from] aya::maps::MapError),
     #[error("XDP program error: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error(
+        "kernel {release} is older than {MIN_KERNEL}: aqd needs {missing} \
+         (set AQD_SKIP_KERNEL_CHECK=1 if your distribution backported them)"
+    )]
+    KernelTooOld { release: String, missing: String },
+}
+
+/// A kernel release as `major.minor` (the patch level does not add BPF features).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl KernelVersion {
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+
+    /// Parses the start of a release string as `uname -r` prints it: `6.1.0-57-amd64`, `5.18.0`,
+    /// `6.18.44-fc-v857`, `5.14.0-427.el9.x86_64`. `None` when it does not start with `MAJOR.MINOR`.
+    pub fn parse(release: &str) -> Option<Self> {
+        let mut parts = release.trim().split(['.', '-', '+', '_']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self { major, minor })
+    }
+}
+
+impl std::fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The kernel features the programs use, with the release that introduced each (upstream; checked against
+/// the helpers' introducing commits and docs.ebpf.io), newest first. A TC program would add clsact (4.5).
+pub const KERNEL_FEATURES: &[(KernelVersion, &str)] = &[
+    (KernelVersion::new(5, 18), "bpf_xdp_load_bytes (5.18)"),
+    (KernelVersion::new(5, 11), "bpf_ktime_get_coarse_ns (5.11)"),
+    (KernelVersion::new(5, 8), "the BPF ring buffer (5.8)"),
+    (KernelVersion::new(5, 3), "bounded loops (5.3)"),
+    (KernelVersion::new(5, 2), "read-only global data (5.2)"),
+    (KernelVersion::new(4, 11), "LPM trie maps (4.11)"),
+    (KernelVersion::new(4, 10), "LRU hash maps (4.10)"),
+    (KernelVersion::new(4, 8), "XDP (4.8)"),
+];
+
+/// The oldest kernel aqd loads on: the newest of [`KERNEL_FEATURES`].
+pub const MIN_KERNEL: KernelVersion = KERNEL_FEATURES[0].0;
+
+/// The features of [`KERNEL_FEATURES`] that kernel `version` lacks, newest first.
+pub fn missing_features(version: KernelVersion) -> Vec<&'static str> {
+    KERNEL_FEATURES
+        .iter()
+        .filter(|(since, _)| version < *since)
+        .map(|(_, what)| *what)
+        .collect()
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`], by its release (`/proc/sys/kernel/osrelease`, what `uname -r`
+/// prints). An unreadable or unparseable release is let through: the verifier will say what is missing.
+pub fn check_kernel() -> Result<(), LoadError> {
+    if std::env::var_os("AQD_SKIP_KERNEL_CHECK").is_some_and(|v| v == "1") {
+        return Ok(());
+    }
+    match fs::read_to_string("/proc/sys/kernel/osrelease") {
+        Ok(release) => check_release(release.trim()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// [`check_kernel`] for a given release string.
+pub fn check_release(release: &str) -> Result<(), LoadError> {
+    let Some(version) = KernelVersion::parse(release) else {
+        return Ok(());
+    };
+    let missing = missing_features(version);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(LoadError::KernelTooOld {
+        release: release.to_string(),
+        missing: missing.join(", "),
+    })
 }
 
 /// Options for [`load`].
@@ -84,6 +179,7 @@ pub struct LoadOptions {
 /// Loads the program (not yet attached). With a pin directory, existing pinned maps are checked against the
 /// object's layout and reused; missing ones are created and pinned.
 pub fn load(options: &LoadOptions) -> Result<Ebpf, LoadError> {
+    check_kernel()?;
     let mut loader = EbpfLoader::new();
     let test_clock: u8 = options.test_clock.into();
     loader.override_global(TEST_CLOCK_GLOBAL, &test_clock, true);
@@ -237,4 +333,67 @@ pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
         let _ = fs::remove_dir(root);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_parse_as_major_minor() {
+        for (release, expected) in [
+            ("6.1.0-57-amd64", (6, 1)),
+            ("6.12.117+deb12-amd64", (6, 12)),
+            ("6.18.44-fc-v857", (6, 18)),
+            ("5.18", (5, 18)),
+            ("5.14.0-427.el9.x86_64", (5, 14)),
+            ("4.19.0\n", (4, 19)),
+        ] {
+            assert_eq!(
+                KernelVersion::parse(release),
+                Some(KernelVersion::new(expected.0, expected.1)),
+                "{release}"
+            );
+        }
+        for bad in ["", "6", "six.one", "6.x-1", "-6.1"] {
+            assert_eq!(KernelVersion::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        // 5.9 < 5.18 < 6.1: minor versions are numbers, not strings.
+        assert!(KernelVersion::new(5, 9) < KernelVersion::new(5, 18));
+        assert!(KernelVersion::new(5, 18) < KernelVersion::new(6, 1));
+        assert_eq!(MIN_KERNEL, KernelVersion::new(5, 18));
+    }
+
+    #[test]
+    fn old_kernels_are_refused_with_what_is_missing() {
+        for ok in [
+            "5.18.0",
+            "6.1.0-57-amd64",
+            "6.12.117+deb12-amd64",
+            "7.0",
+            "not-a-release",
+        ] {
+            assert!(check_release(ok).is_ok(), "{ok}");
+        }
+        let err = check_release("5.10.0-30-amd64").unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "kernel 5.10.0-30-amd64 is older than 5.18: aqd needs bpf_xdp_load_bytes (5.18), \
+                 bpf_ktime_get_coarse_ns (5.11) (set"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            missing_features(KernelVersion::new(5, 17)),
+            ["bpf_xdp_load_bytes (5.18)"]
+        );
+        assert_eq!(
+            missing_features(KernelVersion::new(4, 9)).len(),
+            KERNEL_FEATURES.len() - 1
+        );
+    }
 }

@@ -146,11 +146,17 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Runs `cargo build <args>` (diagnostics rendered as usual) and returns the paths of the binaries it built, by
 /// target name. Asking cargo avoids guessing the target directory.
 pub fn cargo_build(args: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    cargo_executables("build", args)
+}
+
+/// Runs `cargo <subcommand> <args>` (`build`, or `test --no-run`) with JSON messages and returns the executables
+/// it reported, by target name (for `test`, the test binaries).
+pub fn cargo_executables(subcommand: &str, args: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut cmd = cargo();
-    cmd.arg("build")
+    cmd.arg(subcommand)
         .args(args)
         .arg("--message-format=json-render-diagnostics");
-    heading(&format!("cargo build {}", args.join(" ")));
+    heading(&format!("cargo {subcommand} {}", args.join(" ")));
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
