@@ -104,6 +104,15 @@ pub unsafe fn fill_header(
     }
 }
 
+/// Counts one connection-bookkeeping step (`detector_common::flow_counter` index).
+#[inline(always)]
+pub fn count_flow(index: usize) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
+        bump(unsafe { &mut (*counters).flows }, index);
+    }
+}
+
 /// Counts one event of `kind`: sent, lost (ring full), or shed (deliberately not sent under load).
 #[inline(always)]
 pub fn count_event(kind: EventKind, sent: bool, shed: bool) {

@@ -12,9 +12,9 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use detector_common::{AddrKey, FlowTuple, HalfOpen, flow::half_open_flag, flow_counter};
 
 use crate::{
-    account::bump,
+    account::count_flow,
     clock::Clock,
-    maps::{CONFIG, COUNTERS, DEFAULT_CONFIG, HALF_OPEN, PROTECTED_PORTS},
+    maps::{CONFIG, DEFAULT_CONFIG, HALF_OPEN, PROTECTED_PORTS},
 };
 
 const ETH_P_IPV4: u16 = 0x0800;
@@ -112,8 +112,6 @@ fn learn_server_isn(ctx: &TcContext) -> Option<()> {
             let _ = HALF_OPEN.insert(&tuple, &entry, 0);
         }
     }
-    let counters = COUNTERS.get_ptr_mut(0)?;
-    // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-    bump(unsafe { &mut (*counters).flows }, flow_counter::SERVER_ISN);
+    count_flow(flow_counter::SERVER_ISN);
     Some(())
 }

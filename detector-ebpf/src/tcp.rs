@@ -26,12 +26,12 @@ use detector_common::{
 };
 
 use crate::{
-    account::{account, bump, count_event, fill_header, wakeup_flag},
+    account::{account, count_event, count_flow, fill_header, wakeup_flag},
     capture::emit_payload,
     clock::Clock,
     csum::{Checksum, tcp_checksum},
     limits::{live_decision, track_source},
-    maps::{CONFIG, COUNTERS, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
+    maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
     parse::read,
 };
 
@@ -541,14 +541,6 @@ impl CachedChecksum {
                 c
             }
         }
-    }
-}
-
-#[inline(always)]
-fn count_flow(index: usize) {
-    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU map memory for this CPU, from a successful lookup.
-        bump(unsafe { &mut (*counters).flows }, index);
     }
 }
 

@@ -247,3 +247,28 @@ fn a_random_source_syn_flood_leaves_established_flows_tracked() {
         .count();
     assert_eq!(requests, 1);
 }
+
+#[test]
+fn a_bad_checksum_handshake_ack_completes_nothing() {
+    let mut k = load();
+    let syn = client(40008);
+    assert_eq!(reason(&mut k, &syn), Reason::PassDefault);
+    k.run_egress(&syn.syn_ack().build()).unwrap();
+    let ack = syn.handshake_ack();
+    assert_eq!(
+        reason(&mut k, &ack.clone().with_bad_checksum()),
+        Reason::PassBadChecksum
+    );
+    assert!(
+        k.flow(&syn.tuple()).is_none(),
+        "a bad-checksum ACK verified the handshake"
+    );
+    // The server drops that ACK; the client's real one completes the handshake.
+    assert_eq!(reason(&mut k, &ack), Reason::PassDefault);
+    assert!(k.flow(&syn.tuple()).is_some());
+    let established = observed(&mut k)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Established(_)))
+        .count();
+    assert_eq!(established, 1);
+}
