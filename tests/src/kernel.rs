@@ -219,3 +219,17 @@ impl KernelUnderTest {
         Ok(out)
     }
 }
+
+/// Pins the calling thread to one CPU: per-CPU kernel state (`BPF_PROG_TEST_RUN` runs on the caller's CPU)
+/// then stays on one CPU for the whole test.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it; pid 0 = the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

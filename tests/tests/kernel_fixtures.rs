@@ -1245,8 +1245,21 @@ fn expired_decisions_are_ignored() {
             );
         }
     }
-    let hits: Vec<u64> = k.maps.decisions().unwrap().iter().map(|d| d.hits).collect();
-    assert_eq!(hits, [2, 2, 2, 2]);
+    // Hits count policy walks: the blocked sources' outcome was cached at their first packet (valid until the
+    // decision's expiry); the passing ones, to an unprotected port, keep no per-source state and walk each time.
+    let hits = |k: &KernelUnderTest| -> Vec<u64> {
+        [
+            "192.0.2.10/32",
+            "198.51.100.0/24",
+            "2001:db8::10/128",
+            "2001:db8:1:2::/64",
+        ]
+        .iter()
+        .map(|cidr| decision_hits(k, cidr))
+        .collect()
+    };
+    let before = hits(&k);
+    assert_eq!(before, [1, 1, 2, 2]);
     // A decision is expired from its expiry instant on.
     for now in [expires, expires + 1, u64::MAX] {
         k.set_now(now).unwrap();
@@ -1256,8 +1269,7 @@ fn expired_decisions_are_ignored() {
         }
     }
     // Expired decisions are not counted as hits.
-    let after: Vec<u64> = k.maps.decisions().unwrap().iter().map(|d| d.hits).collect();
-    assert_eq!(after, hits);
+    assert_eq!(hits(&k), before);
 }
 
 #[test]
@@ -1329,12 +1341,133 @@ fn throttle_passes_as_throttled_within_its_class() {
         }
         expect(&mut k, &frame, Reason::DropRatePackets);
     }
-    // A prefix throttle limits each address separately.
+    // A prefix throttle is one budget for the whole prefix: another address of the /64 finds it spent.
     expect(
         &mut k,
         &Frame::udp("2001:db8:1:2::8", V6_DST, 443).build(),
-        Reason::PassThrottled,
+        Reason::DropRatePackets,
     );
+    // An exact throttle is the address's own: its neighbour is not throttled at all.
+    expect(
+        &mut k,
+        &Frame::udp("192.0.2.11", "203.0.113.1", 443).build(),
+        Reason::PassDefault,
+    );
+}
+
+/// Every address of a throttled prefix draws from one budget: 254 IPv4 addresses of a /24 and 1,000 of an IPv6
+/// /64, each sending its first packets at one instant, get the class's burst between them, not each.
+#[test]
+fn prefix_throttle_shares_one_budget_across_its_addresses() {
+    let mut k = load();
+    k.maps.set_protected_ports(&[443]).unwrap();
+    // 100 packets/s, burst 50.
+    k.maps
+        .set_rate_class(4, rate_class_limits(100, 50, 0, 0))
+        .unwrap();
+    decide(&mut k, "198.51.100.0/24", Action::Throttle, 4);
+    decide(&mut k, "2001:db8:7:7::/64", Action::Throttle, 4);
+    let v4: Vec<String> = (1..=254).map(|i| format!("198.51.100.{i}")).collect();
+    let v6: Vec<String> = (1..=1000).map(|i| format!("2001:db8:7:7::{i:x}")).collect();
+    for sources in [v4, v6] {
+        let mut passed = 0;
+        for round in 0..2 {
+            for src in &sources {
+                let reason = reason_of(&mut k, &Frame::udp(src, dst_for(src), 443).build());
+                match reason {
+                    Reason::PassThrottled => passed += 1,
+                    Reason::DropRatePackets => {}
+                    other => panic!("{src} round {round}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(passed, 50, "the prefix's burst, shared");
+    }
+    // Time refills the shared budget at the class rate: 0.5 s later, 50 more for the whole /64.
+    k.set_now(T0 + SEC / 2).unwrap();
+    let passed = (1..=200)
+        .filter(|i| {
+            let src = format!("2001:db8:7:7::{i:x}");
+            reason_of(&mut k, &Frame::udp(&src, V6_DST, 443).build()) == Reason::PassThrottled
+        })
+        .count();
+    assert_eq!(passed, 50);
+}
+
+/// A rule change applies to the next packet of a source whose outcome the kernel cached, and an expiring
+/// decision stops applying at its expiry although its outcome was cached.
+#[test]
+fn cached_policy_follows_rule_changes_and_expiry_at_once() {
+    let mut k = load();
+    k.maps.set_protected_ports(&[443]).unwrap();
+    let frame = Frame::udp("192.0.2.44", "203.0.113.1", 443).build();
+    expect(&mut k, &frame, Reason::PassDefault);
+    expect(&mut k, &frame, Reason::PassDefault);
+    let generation = k.maps.policy_generation().unwrap();
+    decide(&mut k, "192.0.2.44/32", Action::Block, 0);
+    assert_ne!(
+        k.maps.policy_generation().unwrap(),
+        generation,
+        "a decision bumps the generation"
+    );
+    expect(&mut k, &frame, Reason::DropBlockExact);
+    k.maps.decision_remove(net("192.0.2.44/32")).unwrap();
+    expect(&mut k, &frame, Reason::PassDefault);
+    deny(&mut k, "192.0.2.0/24");
+    expect(&mut k, &frame, Reason::DropDenyPrefix);
+    allow(&mut k, "192.0.2.44/32");
+    expect(&mut k, &frame, Reason::PassAllowExact);
+    k.maps.list_remove(List::Allow, net("192.0.2.44/32")).unwrap();
+    k.maps.list_remove(List::Deny, net("192.0.2.0/24")).unwrap();
+    expect(&mut k, &frame, Reason::PassDefault);
+    // Cached with the decision's expiry: blocked until then, passed from then on, with no write in between.
+    decide_until(&mut k, "192.0.2.44/32", Action::Block, 0, T0 + SEC);
+    expect(&mut k, &frame, Reason::DropBlockExact);
+    k.set_now(T0 + SEC - 1).unwrap();
+    expect(&mut k, &frame, Reason::DropBlockExact);
+    k.set_now(T0 + SEC).unwrap();
+    expect(&mut k, &frame, Reason::PassDefault);
+}
+
+/// Dropped sources get a cache-only `SOURCES` entry at a bounded rate per CPU: a flood of random denylisted
+/// sources cannot churn the limiter state of others out of the LRU map. Such entries are not listed as
+/// sources (`aqd top`).
+#[test]
+fn cache_only_entries_for_dropped_sources_are_admitted_at_a_bounded_rate() {
+    aqd_tests::kernel::pin_current_thread(0).unwrap();
+    let mut k = load();
+    deny(&mut k, "10.99.0.0/16");
+    // One admission window (the test clock stands still): at most ADMISSION_PER_WINDOW entries on this CPU.
+    for i in 0..300u32 {
+        let src = format!("10.99.{}.{}", i / 250, 1 + i % 250);
+        expect(
+            &mut k,
+            &Frame::udp(&src, "10.0.0.1", 53).build(),
+            Reason::DropDenyPrefix,
+        );
+    }
+    let count = |k: &KernelUnderTest| {
+        k.maps
+            .fill_levels()
+            .iter()
+            .find(|(n, ..)| *n == "SOURCES")
+            .unwrap()
+            .1
+    };
+    let admitted = count(&k);
+    assert_eq!(admitted as u64, detector_common::ADMISSION_PER_WINDOW);
+    assert!(
+        k.maps.sources(0).unwrap().is_empty(),
+        "cache-only entries are not sources"
+    );
+    // The next window admits more.
+    k.set_now(T0 + detector_common::ADMISSION_WINDOW_NS).unwrap();
+    expect(
+        &mut k,
+        &Frame::udp("10.99.9.9", "10.0.0.1", 53).build(),
+        Reason::DropDenyPrefix,
+    );
+    assert_eq!(count(&k), admitted + 1);
 }
 
 #[test]
@@ -2147,7 +2280,8 @@ fn matched_list_entries_count_hits() {
     assert_eq!(list_hits(&k, List::Allow, "2001:db8:aa::/48"), 3);
     // The allowlist matched first: the deny entry for the same address was never consulted.
     assert_eq!(list_hits(&k, List::Deny, "192.0.2.2/32"), 0);
-    assert_eq!(list_hits(&k, List::Deny, "192.0.2.7/32"), 3);
+    // A dropped source's outcome is cached at its first packet: hits count policy walks, not packets.
+    assert_eq!(list_hits(&k, List::Deny, "192.0.2.7/32"), 1);
     assert_eq!(list_hits(&k, List::Deny, "10.16.0.0/20"), 4);
     // One hit while live, none once expired.
     assert_eq!(list_hits(&k, List::Deny, "2001:db8:bb::/48"), 1);
