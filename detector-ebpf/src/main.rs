@@ -112,13 +112,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
     };
     let reason = Reason::from_u32(policy.reason as u32).unwrap_or(Reason::PassDefault);
     if policy.flags & policy_flag::FINAL != 0 {
-        // A dropped source gets a cache-only entry too (so a flood of it costs one lookup per packet), at a
-        // bounded rate: a flood of random dropped sources must not churn out the limiter state of others.
-        // SAFETY: as above.
-        if state.is_none() && reason.verdict() == Verdict::Drop && admit(unsafe { &mut *work }, clock) {
-            // SAFETY: as above; `new_source` was built by the walk (no state: the walk ran).
-            let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, 0);
-        }
+        cache_only(src, state.is_none(), work, clock);
         return reason;
     }
     let rate_class = policy.rate_class as u32;
@@ -133,6 +127,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
         matches!(packet.flow.proto, IPPROTO_TCP | IPPROTO_UDP | PROTO_UNKNOWN)
     };
     if !is_protected {
+        cache_only(src, state.is_none(), work, clock);
         return reason;
     }
     // No honest TLS client fragments TCP at the IP layer; a fragmented ClientHello or a tiny first fragment
@@ -166,6 +161,18 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
         return drop;
     }
     reason
+}
+
+/// A source the limiter never sees (allowed, dropped, or to an unprotected port) gets a cache-only entry too,
+/// so a flood of it costs one lookup per packet, at a bounded rate: a flood of random sources must not churn
+/// the limiter state of others out of the LRU map. `new_source` holds the walk's outcome (no entry: it ran).
+#[inline(always)]
+fn cache_only(src: &AddrKey, missing: bool, work: *mut CacheWork, clock: &mut Clock) {
+    // SAFETY: per-CPU map memory from a successful lookup.
+    if missing && admit(unsafe { &mut *work }, clock) {
+        // SAFETY: as above.
+        let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, 0);
+    }
 }
 
 /// Whether a cached policy outcome still holds: same generation, and the entry it came from has not expired
