@@ -957,6 +957,11 @@ impl KernelMaps {
             ),
             (map_names::SOURCES, self.sources.keys().count(), capacity::SOURCES),
             (
+                map_names::PREFIX_BUCKETS,
+                self.prefix_buckets.keys().count(),
+                capacity::PREFIX_BUCKETS,
+            ),
+            (
                 map_names::SYN_VERDICTS,
                 self.syn_verdicts.keys().count(),
                 capacity::SYN_VERDICTS,
