@@ -235,7 +235,12 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
         }
         last_src = src;
         if conv.is_none() && rng.gen_bool(0.03) {
-            let src = pool.source(&mut rng);
+            // Half from the pool (rules, decisions and limits apply), half from sources no rule covers.
+            let src = if rng.gen_bool(0.5) {
+                pool.source(&mut rng)
+            } else {
+                random_outsider(&mut rng)
+            };
             conv = Some(Conv::new(&mut rng, src));
             conversations += 1;
         }
