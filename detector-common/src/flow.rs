@@ -62,6 +62,9 @@ pub mod scratch_flag {
     /// The packet belongs to no verified flow: `aqd_hello` only enforces a ClientHello verdict on it (drop a
     /// blocked fingerprint) and records nothing.
     pub const STATELESS: u8 = 1 << 0;
+    /// Set by `aqd_xdp`: the source is throttled by a prefix decision, so its limit is the prefix's shared
+    /// bucket (`PREFIX_BUCKETS`).
+    pub const PREFIX_LIMIT: u8 = 1 << 1;
 }
 
 /// How the kernel fared with the ClientHello key on the first payload segment (`PayloadEvent::hello_status`).

@@ -20,7 +20,7 @@ pub use flow::{FlowState, HalfOpen, Scratch};
 pub use syn::SynSignature;
 
 /// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, exactly as the XDP program declares them and as they are pinned in bpffs.
 /// The kernel limits object names to 15 bytes.
@@ -50,9 +50,17 @@ pub mod map_names {
     pub const PROGRAMS: &str = "PROGRAMS";
     /// Per-CPU hand-off and work space of the tail-called programs (never read by userspace).
     pub const SCRATCH: &str = "SCRATCH";
+    /// The policy generation (one `u32`): bumped by userspace after every change to the allow, deny and
+    /// decision maps, so the verdicts cached in `SOURCES` are walked again at once.
+    pub const POLICY_GEN: &str = "POLICY_GEN";
+    /// Shared limiter state of prefixes throttled at prefix scope (key: the /24 or /64), value [`crate::Bucket`].
+    pub const PREFIX_BUCKETS: &str = "PREFIX_BUCKETS";
+    /// Per-CPU work space of the verdict cache: admission window, the outcome being walked (never read by
+    /// userspace).
+    pub const CACHE_WORK: &str = "CACHE_WORK";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 22] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -72,6 +80,9 @@ pub mod map_names {
         HALF_OPEN,
         PROGRAMS,
         SCRATCH,
+        POLICY_GEN,
+        PREFIX_BUCKETS,
+        CACHE_WORK,
     ];
 }
 
@@ -107,6 +118,8 @@ pub mod capacity {
     pub const DECISION_PREFIX: u32 = 65_536;
     /// LRU: the least recently seen sources are evicted first (their limiter restarts full, their counters at 0).
     pub const SOURCES: u32 = 524_288;
+    /// One shared bucket per prefix decision at most.
+    pub const PREFIX_BUCKETS: u32 = DECISION_PREFIX;
     pub const RATE_CLASSES: u32 = 16;
     /// Reason texts (index = `Decision::reason` code; 0 means none).
     pub const REASONS: u32 = 4096;
@@ -408,9 +421,10 @@ pub struct Bucket {
     pub conn_tat_ns: u64,
 }
 
-/// Value of the `SOURCES` LRU map: everything the kernel keeps per source address that sends to a protected
-/// port — its limiter and its traffic counters (for `aqd top`). Counters are updated without atomics:
-/// approximate when one source's packets land on several CPUs at once.
+/// Value of the `SOURCES` LRU map: everything the kernel keeps per source address — its cached policy
+/// verdict, and for sources that send to a protected port their limiter and traffic counters (for `aqd top`).
+/// Counters are updated without atomics: approximate when one source's packets land on several CPUs at once.
+/// The limiter's TATs are advanced atomically (see the kernel's `limits.rs`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {
@@ -421,8 +435,80 @@ pub struct SourceState {
     pub conns: u64,
     /// Packets dropped by the rate limits.
     pub rate_drops: u64,
+    /// Coarse monotonic ns of the last packet to a protected port (0: none yet, a cache-only entry).
     pub last_seen_ns: u64,
+    /// The cached result of the allow/deny/decision walk; see [`CachedPolicy`].
+    pub policy: CachedPolicy,
 }
+
+impl SourceState {
+    /// A new source: no counts, a full burst allowance (a TAT of 0 is "any time before now"), nothing cached.
+    pub const NEW: Self = Self {
+        bucket: Bucket {
+            packet_tat_ns: 0,
+            conn_tat_ns: 0,
+        },
+        packets: 0,
+        bytes: 0,
+        conns: 0,
+        rate_drops: 0,
+        last_seen_ns: 0,
+        policy: CachedPolicy {
+            expires_ns: 0,
+            generation: 0,
+            reason: 0,
+            rate_class: 0,
+            flags: 0,
+            _pad: 0,
+        },
+    };
+}
+
+/// The outcome of the policy walk (allowlist, denylist, decisions) for one source, cached in its
+/// [`SourceState`]. Valid while `generation` equals `POLICY_GEN` and `expires_ns` has not passed (the expiry
+/// of the entry that matched: an expired entry changes the outcome without any write from userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedPolicy {
+    pub expires_ns: u64,
+    pub generation: u32,
+    /// The [`Reason`] of the outcome: a final one (allow, deny, block) or the pass reason limits start from.
+    pub reason: u8,
+    /// Rate class of a throttle decision (0 = the default class).
+    pub rate_class: u8,
+    /// `policy_flag` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Bits of [`CachedPolicy::flags`].
+pub mod policy_flag {
+    /// The entry holds a walk's outcome (a fresh entry does not).
+    pub const VALID: u8 = 1 << 0;
+    /// `reason` is final: the packet gets it without limits (allow, deny, block).
+    pub const FINAL: u8 = 1 << 1;
+    /// The throttle came from a prefix decision: the limit is the prefix's shared bucket, not the source's.
+    pub const PREFIX_LIMIT: u8 = 1 << 2;
+}
+
+/// Per-CPU work space of the verdict cache (`CACHE_WORK`). `window_ns`/`admitted`: cache-only entries created
+/// in the current admission window, which bounds how fast a random-source flood can churn `SOURCES`.
+/// `new_source`: a new `SOURCES` entry, its `policy` the outcome of this packet's walk, kept in map memory
+/// rather than on the stack so the verifier does not carry each outcome's exact values (and a path per
+/// outcome) through the rest of the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheWork {
+    pub window_ns: u64,
+    pub admitted: u64,
+    /// A new `SOURCES` entry being built (too big for the BPF stack beside the parser's state).
+    pub new_source: SourceState,
+}
+
+/// Cache-only `SOURCES` entries (for dropped sources) one CPU may create per [`ADMISSION_WINDOW_NS`].
+pub const ADMISSION_PER_WINDOW: u64 = 64;
+/// 1 ms: at most 64,000 new cache-only entries per second per CPU.
+pub const ADMISSION_WINDOW_NS: u64 = 1_000_000;
 
 /// The program's runtime settings: the single entry of the `CONFIG` array.
 #[repr(C)]
@@ -518,6 +604,8 @@ mod pod {
     unsafe impl aya::Pod for RateClass {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for SourceState {}
+    unsafe impl aya::Pod for CachedPolicy {}
+    unsafe impl aya::Pod for CacheWork {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ReasonText {}
@@ -533,7 +621,9 @@ const _: () = assert!(core::mem::size_of::<ListEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<Decision>() == 24);
 const _: () = assert!(core::mem::size_of::<RateClass>() == 32);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
-const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
+const _: () = assert!(core::mem::size_of::<SourceState>() == 72);
+const _: () = assert!(core::mem::size_of::<CachedPolicy>() == 16);
+const _: () = assert!(core::mem::size_of::<CacheWork>() == 88);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<ReasonText>() == 64);
 const _: () = assert!(

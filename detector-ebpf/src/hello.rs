@@ -23,7 +23,7 @@ use crate::{
     account::account,
     capture::emit_payload,
     clock::Clock,
-    limits::live_decision,
+    limits::{LiveDecision, live_decision},
     maps::{CONFIG, DEFAULT_CONFIG, FLOWS, HELLO_VERDICTS, SCRATCH},
 };
 
@@ -58,7 +58,7 @@ fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut 
         // No verified flow: enforce the verdict on this packet, record nothing.
         let (status, key) = hello_key(ctx, scratch);
         if status == hello_status::KEYED
-            && let Some((verdict, _)) = live_decision(&HELLO_VERDICTS, &key, clock)
+            && let Some(LiveDecision { action: verdict, .. }) = live_decision(&HELLO_VERDICTS, &key, clock)
             && verdict == Action::Block as u8
         {
             return Reason::DropHelloFingerprint;
@@ -91,7 +91,11 @@ fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut 
     let mut action = 0u8;
     let mut reason = reason;
     if status == hello_status::KEYED
-        && let Some((verdict, class)) = live_decision(&HELLO_VERDICTS, &key, clock)
+        && let Some(LiveDecision {
+            action: verdict,
+            rate_class: class,
+            ..
+        }) = live_decision(&HELLO_VERDICTS, &key, clock)
     {
         action = verdict;
         // The stricter of this verdict and the flow's (block > throttle > monitor).

@@ -6,12 +6,23 @@ use detector_common::{AddrKey, Bucket, Decision, Reason, SourceState};
 
 use crate::{
     clock::Clock,
-    maps::{RATE_CLASSES, SOURCES},
+    maps::{PREFIX_BUCKETS, RATE_CLASSES, SOURCES},
 };
 
-/// Action and rate class of the decision for `key`, if there is one and it has not expired; bumps its hits.
+/// What a new `SOURCES` entry starts from, in read-only global data: a 72-byte value built on the stack would
+/// push `aqd_tcp` over the 512-byte BPF stack.
+static NEW_SOURCE: SourceState = SourceState::NEW;
+
+/// A live decision's action, rate class and expiry (0 = never).
+pub struct LiveDecision {
+    pub action: u8,
+    pub rate_class: u8,
+    pub expires_ns: u64,
+}
+
+/// The decision for `key`, if there is one and it has not expired; bumps its hits.
 #[inline(always)]
-pub fn live_decision<K>(map: &HashMap<K, Decision>, key: &K, clock: &mut Clock) -> Option<(u8, u8)> {
+pub fn live_decision<K>(map: &HashMap<K, Decision>, key: &K, clock: &mut Clock) -> Option<LiveDecision> {
     let ptr = map.get_ptr_mut(key)?;
     // SAFETY: `ptr` points into map memory returned by a successful lookup.
     let decision = unsafe { &mut *ptr };
@@ -19,91 +30,168 @@ pub fn live_decision<K>(map: &HashMap<K, Decision>, key: &K, clock: &mut Clock) 
         return None;
     }
     decision.hits = decision.hits.wrapping_add(1);
-    Some((decision.action, decision.rate_class))
+    Some(LiveDecision {
+        action: decision.action,
+        rate_class: decision.rate_class,
+        expires_ns: decision.expires_ns,
+    })
 }
 
-/// Counts the packet in its source's state and applies the source's rate class; returns the drop reason when
-/// over a limit.
-///
-/// GCRA ("virtual scheduling"): each limit keeps the theoretical arrival time (TAT) of the next packet; a packet
-/// conforms when it arrives no earlier than TAT minus the burst tolerance. No division, one u64 per limit.
-/// The state is read-modify-written without atomics: two CPUs racing on one source may admit one extra packet.
+/// The source's `SOURCES` entry, created when missing (a new source starts with a full burst allowance: a TAT
+/// of 0 is "any time before now"). `None` only if the insert failed (an LRU map evicts rather than fails).
+#[inline(always)]
+pub fn source_entry(src: &AddrKey, fresh: &SourceState) -> Option<*mut SourceState> {
+    if let Some(state) = SOURCES.get_ptr_mut(src) {
+        return Some(state);
+    }
+    SOURCES.insert(src, fresh, 0).ok()?;
+    SOURCES.get_ptr_mut(src)
+}
+
+/// Counts the packet in its source's state and applies the rate class (`aqd_tcp`'s entry point: it looks the
+/// state up itself); returns the drop reason when over a limit.
 #[inline(always)]
 pub fn track_source(
     ctx: &XdpContext,
     src: &AddrKey,
     class: u32,
     is_syn: bool,
+    prefix_limit: bool,
     clock: &mut Clock,
 ) -> Option<Reason> {
-    let state = match SOURCES.get_ptr_mut(src) {
-        Some(s) => s,
-        None => {
-            // A new source starts with a full burst allowance: a TAT of 0 is "any time before now".
-            let fresh = SourceState::default();
-            if SOURCES.insert(src, fresh, 0).is_err() {
-                // Cold path (an LRU map evicts rather than fails); the source passes unlimited this once. No
-                // log here: aya-log's formatter is a BPF subprogram whose stack adds to the caller's.
-                return None;
-            }
-            SOURCES.get_ptr_mut(src)?
-        }
-    };
+    // Cold path when the insert fails: the source passes unlimited this once.
+    let state = source_entry(src, &NEW_SOURCE)?;
     // SAFETY: `state` points into map memory returned by a successful lookup.
-    let state = unsafe { &mut *state };
+    limit_source(
+        ctx,
+        unsafe { &mut *state },
+        src,
+        class,
+        is_syn,
+        prefix_limit,
+        clock,
+    )
+}
+
+/// Counts the packet in `state` and applies the rate class: to the source's own bucket, or with
+/// `prefix_limit` (a throttle decision on its /24 or /64) to the prefix's shared bucket, so that every address
+/// of a throttled prefix draws from one budget.
+#[inline(always)]
+pub fn limit_source(
+    ctx: &XdpContext,
+    state: &mut SourceState,
+    src: &AddrKey,
+    class: u32,
+    is_syn: bool,
+    prefix_limit: bool,
+    clock: &mut Clock,
+) -> Option<Reason> {
     state.packets += 1;
     state.bytes += (ctx.data_end() - ctx.data()) as u64;
     state.last_seen_ns = clock.coarse();
     if is_syn {
         state.conns += 1;
     }
-    let verdict = rate_limit(&mut state.bucket, class, is_syn, clock);
+    let bucket = if prefix_limit {
+        prefix_bucket(src).unwrap_or(&raw mut state.bucket)
+    } else {
+        &raw mut state.bucket
+    };
+    let verdict = rate_limit(bucket, class, is_syn, clock);
     if verdict.is_some() {
         state.rate_drops += 1;
     }
     verdict
 }
 
-/// The GCRA limits of `class` applied to one source's bucket.
+/// The shared bucket of `src`'s /24 or /64, created when missing.
 #[inline(always)]
-fn rate_limit(bucket: &mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
+fn prefix_bucket(src: &AddrKey) -> Option<*mut Bucket> {
+    let prefix = src.prefix_scope();
+    if let Some(bucket) = PREFIX_BUCKETS.get_ptr_mut(&prefix) {
+        return Some(bucket);
+    }
+    // BPF_NOEXIST: two CPUs creating it at once keep the first one's state.
+    let _ = PREFIX_BUCKETS.insert(
+        &prefix,
+        &Bucket::default(),
+        aya_ebpf::bindings::BPF_NOEXIST as u64,
+    );
+    PREFIX_BUCKETS.get_ptr_mut(&prefix)
+}
+
+/// The GCRA limits of `class` applied to a bucket (a source's own or a prefix's shared one).
+#[inline(always)]
+fn rate_limit(bucket: *mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
     let limits = RATE_CLASSES.get(class)?;
-    if limits.packet_interval_ns == 0 && (!is_syn || limits.conn_interval_ns == 0) {
+    let limit_conns = is_syn && limits.conn_interval_ns != 0;
+    if limits.packet_interval_ns == 0 && !limit_conns {
         return None;
     }
     // The precise clock only when a limit applies: GCRA needs ns; nothing else on this path does.
     let now = clock.now();
-    let mut packet_tat = bucket.packet_tat_ns;
+    // SAFETY: `bucket` points into map memory from a successful lookup (a `SOURCES` or `PREFIX_BUCKETS` value).
+    let (packet_tat, conn_tat) =
+        unsafe { (&raw mut (*bucket).packet_tat_ns, &raw mut (*bucket).conn_tat_ns) };
+    // Both limits are checked before either is charged: a packet refused by one costs the other nothing.
+    if limits.packet_interval_ns != 0 && !conforms(packet_tat, now, limits.packet_tolerance_ns) {
+        return Some(Reason::DropRatePackets);
+    }
+    if limit_conns && !conforms(conn_tat, now, limits.conn_tolerance_ns) {
+        return Some(Reason::DropRateConnections);
+    }
     if limits.packet_interval_ns != 0 {
-        match gcra(
-            packet_tat,
-            now,
-            limits.packet_interval_ns,
-            limits.packet_tolerance_ns,
-        ) {
-            Some(t) => packet_tat = t,
-            None => return Some(Reason::DropRatePackets),
-        }
+        charge(packet_tat, now, limits.packet_interval_ns);
     }
-    let mut conn_tat = bucket.conn_tat_ns;
-    if is_syn && limits.conn_interval_ns != 0 {
-        match gcra(conn_tat, now, limits.conn_interval_ns, limits.conn_tolerance_ns) {
-            Some(t) => conn_tat = t,
-            None => return Some(Reason::DropRateConnections),
-        }
+    if limit_conns {
+        charge(conn_tat, now, limits.conn_interval_ns);
     }
-    bucket.packet_tat_ns = packet_tat;
-    bucket.conn_tat_ns = conn_tat;
     None
 }
 
-/// One GCRA step: the new TAT if a packet arriving at `now` conforms, `None` if it is over the limit.
+/// GCRA ("virtual scheduling"): a limit keeps the theoretical arrival time (TAT) of the next packet; a packet
+/// conforms when it arrives no earlier than TAT minus the burst tolerance. No division, one u64 per limit.
 #[inline(always)]
-fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
-    let tat = if tat > now { tat } else { now };
-    if tat - now > tolerance {
-        None
-    } else {
-        Some(tat + interval)
+fn conforms(tat: *mut u64, now: u64, tolerance: u64) -> bool {
+    // SAFETY: `tat` points into map memory (see `rate_limit`).
+    let tat = unsafe { core::ptr::read_volatile(tat) };
+    tat <= now || tat - now <= tolerance
+}
+
+/// Charges one packet: TAT = max(TAT, now) + interval. Several receive queues may charge one bucket at once, so
+/// a busy bucket (TAT ahead of now) is advanced with an atomic add (BPF `XADD`, every kernel and CPU version):
+/// every conforming packet moves TAT by exactly one interval, and the long-run rate holds with any number of
+/// CPUs. Racing CPUs that both passed `conforms` can overshoot the burst by one packet per CPU; that extra
+/// credit is paid back at once (TAT moved for each). Only an idle bucket (TAT behind now) is restarted with a
+/// plain store, where a race may forget one charge per CPU, once per idle-to-busy transition. A full
+/// compare-and-swap loop would need BPF v3 atomics and gains nothing measurable here.
+#[inline(always)]
+fn charge(tat: *mut u64, now: u64, interval: u64) {
+    // SAFETY: `tat` points into map memory (see `rate_limit`), 8-byte aligned (a u64 field of a repr(C) value).
+    unsafe {
+        if core::ptr::read_volatile(tat) > now {
+            atomic_add(tat, interval);
+        } else {
+            core::ptr::write_volatile(tat, now + interval);
+        }
+    }
+}
+
+/// `*dst += value` as one BPF atomic instruction (`BPF_ATOMIC | BPF_ADD`, the old `XADD`, accepted by every
+/// kernel aqd supports). Written as asm because Rust's BPF target has no atomic read-modify-write types
+/// (`AtomicU64::fetch_add` is not there), and `XADD` is what LLVM would emit for one whose result is unused.
+///
+/// # Safety
+/// `dst` must point to an 8-byte aligned u64 in map memory.
+#[inline(always)]
+unsafe fn atomic_add(dst: *mut u64, value: u64) {
+    // SAFETY: per the caller's contract; the instruction reads and writes only `*dst`.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({dst} + 0) += {value}",
+            dst = in(reg) dst,
+            value = in(reg) value,
+            options(nostack),
+        );
     }
 }

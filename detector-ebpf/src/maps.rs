@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use detector_common::{
-    AddrKey, Config, Counters, Decision, FlowState, FlowTuple, HalfOpen, ListEntry, RateClass, ReasonText,
-    Scratch, SourceState, capacity,
+    AddrKey, Bucket, CacheWork, Config, Counters, Decision, FlowState, FlowTuple, HalfOpen, ListEntry,
+    RateClass, ReasonText, Scratch, SourceState, capacity,
 };
 
 #[map(name = "ALLOW_EXACT")]
@@ -25,6 +25,16 @@ pub static DECISION_PREFIX: HashMap<AddrKey, Decision> =
     HashMap::with_max_entries(capacity::DECISION_PREFIX, 0);
 #[map(name = "SOURCES")]
 pub static SOURCES: LruHashMap<AddrKey, SourceState> = LruHashMap::with_max_entries(capacity::SOURCES, 0);
+/// Bumped by userspace after every policy change: a cached verdict of another generation is walked again.
+#[map(name = "POLICY_GEN")]
+pub static POLICY_GEN: Array<u32> = Array::with_max_entries(1, 0);
+/// Shared buckets of prefixes throttled at prefix scope, keyed by the /24 or /64.
+#[map(name = "PREFIX_BUCKETS")]
+pub static PREFIX_BUCKETS: LruHashMap<AddrKey, Bucket> =
+    LruHashMap::with_max_entries(capacity::PREFIX_BUCKETS, 0);
+/// Per-CPU work space of the verdict cache (admission window, the outcome being walked).
+#[map(name = "CACHE_WORK")]
+pub static CACHE_WORK: PerCpuArray<CacheWork> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "RATE_CLASSES")]
 pub static RATE_CLASSES: Array<RateClass> = Array::with_max_entries(capacity::RATE_CLASSES, 0);
 /// Non-zero at index `port` when `port` (TCP or UDP destination) is a protected service port.

@@ -30,7 +30,7 @@ use crate::{
     capture::emit_payload,
     clock::Clock,
     csum::{Checksum, tcp_checksum},
-    limits::{live_decision, track_source},
+    limits::{LiveDecision, live_decision, track_source},
     maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
     parse::read,
 };
@@ -74,6 +74,12 @@ fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut 
     }
 }
 
+/// Whether `aqd_xdp` found the source throttled by a prefix decision (its limit is the prefix's shared bucket).
+#[inline(always)]
+fn prefix_limit(scratch: &Scratch) -> bool {
+    scratch.flags & scratch_flag::PREFIX_LIMIT != 0
+}
+
 /// The reason a passing packet counts under once a throttle applies (a monitor or default pass is upgraded).
 #[inline(always)]
 fn throttled(pass: Reason) -> Reason {
@@ -97,7 +103,12 @@ fn syn(
     let mut class = scratch.rate_class as u32;
     let mut reason = pass;
     let mut action = 0u8;
-    if let Some((verdict, verdict_class)) = live_decision(&SYN_VERDICTS, &key, clock) {
+    if let Some(LiveDecision {
+        action: verdict,
+        rate_class: verdict_class,
+        ..
+    }) = live_decision(&SYN_VERDICTS, &key, clock)
+    {
         action = verdict;
         match Action::from_u8(verdict) {
             Some(Action::Block) => reason = Reason::DropSynFingerprint,
@@ -113,7 +124,7 @@ fn syn(
         }
     }
     if reason.verdict() == Verdict::Pass
-        && let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, clock)
+        && let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, prefix_limit(scratch), clock)
     {
         reason = drop;
     }
@@ -374,7 +385,7 @@ fn established(
         }
         _ => {}
     }
-    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, clock) {
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, prefix_limit(scratch), clock) {
         return drop;
     }
     track_flow(
@@ -478,7 +489,7 @@ fn unverified(
     clock: &mut Clock,
 ) -> Reason {
     let class = scratch.rate_class as u32;
-    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, clock) {
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, prefix_limit(scratch), clock) {
         return drop;
     }
     count_flow(flow_counter::UNVERIFIED);

@@ -242,6 +242,10 @@ pub struct KernelMaps {
     hello_verdicts: HashMap<MapData, u64, Decision>,
     /// Per-flow state (LRU) of TCP connections to protected ports.
     flows: HashMap<MapData, FlowTuple, FlowState>,
+    /// The policy generation the kernel's cached verdicts are checked against (see [`Self::policy_changed`]).
+    policy_gen: Array<MapData, u32>,
+    /// Shared limiter state of prefixes throttled at prefix scope.
+    prefix_buckets: HashMap<MapData, AddrKey, Bucket>,
     /// Reason text → code, filled by one scan on first use, then kept in step by `reason_code` (this process
     /// is the writer while it holds the maps).
     reason_cache: Option<std::collections::HashMap<Vec<u8>, u16>>,
@@ -287,6 +291,8 @@ impl KernelMaps {
             syn_verdicts: typed(n::SYN_VERDICTS, get(n::SYN_VERDICTS)?)?,
             hello_verdicts: typed(n::HELLO_VERDICTS, get(n::HELLO_VERDICTS)?)?,
             flows: typed(n::FLOWS, get(n::FLOWS)?)?,
+            policy_gen: typed(n::POLICY_GEN, get(n::POLICY_GEN)?)?,
+            prefix_buckets: typed(n::PREFIX_BUCKETS, get(n::PREFIX_BUCKETS)?)?,
             reason_cache: None,
         })
     }
@@ -300,6 +306,11 @@ impl KernelMaps {
 
     /// Adds (or refreshes) `net` in a list with an absolute monotonic expiry (0 = never).
     pub fn list_put(&mut self, list: List, net: IpNet, expires_ns: u64) -> Result<(), MapsError> {
+        self.list_write(list, net, expires_ns)?;
+        self.policy_changed()
+    }
+
+    fn list_write(&mut self, list: List, net: IpNet, expires_ns: u64) -> Result<(), MapsError> {
         let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
         match slot_for(net)? {
             Slot::Exact(key) => {
@@ -351,7 +362,9 @@ impl KernelMaps {
                 .remove(&Key::new(trie_len, key))
                 .map_err(|source| (prefix_name, source)),
         };
-        not_found_is_false(result)
+        let removed = not_found_is_false(result)?;
+        self.policy_changed()?;
+        Ok(removed)
     }
 
     /// Every entry of a list.
@@ -464,7 +477,8 @@ impl KernelMaps {
         let (map, name) = self.decision_map(exact);
         decision.hits = map.get(&key, 0).map(|d| d.hits).unwrap_or(0);
         map.insert(key, decision, 0)
-            .map_err(|source| MapsError::Map { name, source })
+            .map_err(|source| MapsError::Map { name, source })?;
+        self.policy_changed()
     }
 
     /// Writes many decisions at once (batch syscalls for the hash maps). Unlike [`Self::decision_put`], replaced
@@ -501,7 +515,7 @@ impl KernelMaps {
         for (net, d) in rest {
             self.decision_put(net, d)?;
         }
-        Ok(())
+        self.policy_changed()
     }
 
     /// Removes the decision on `net` (or, for other prefix lengths, its denylist entry).
@@ -510,7 +524,33 @@ impl KernelMaps {
             return self.list_remove(List::Deny, net);
         };
         let (map, name) = self.decision_map(exact);
-        not_found_is_false(map.remove(&key).map_err(|source| (name, source)))
+        let removed = not_found_is_false(map.remove(&key).map_err(|source| (name, source)))?;
+        self.policy_changed()?;
+        Ok(removed)
+    }
+
+    /// Tells the kernel that the allow, deny or decision maps changed: bumps `POLICY_GEN`, so every verdict
+    /// the kernel cached per source is walked again on the source's next packet. Called after the map
+    /// write: a walk that read the generation before the bump may cache an outcome of the old maps, but with
+    /// the old generation, which the bump then invalidates. Expired entries need no bump (the cached outcome
+    /// carries the expiry of the entry that decided it).
+    pub fn policy_changed(&mut self) -> Result<(), MapsError> {
+        let name = map_names::POLICY_GEN;
+        let generation = self
+            .policy_gen
+            .get(&0, 0)
+            .map_err(|source| MapsError::Map { name, source })?;
+        self.policy_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .map_err(|source| MapsError::Map { name, source })
+    }
+
+    /// The current policy generation (for tests and `aqd status`).
+    pub fn policy_generation(&self) -> Result<u32, MapsError> {
+        let name = map_names::POLICY_GEN;
+        self.policy_gen
+            .get(&0, 0)
+            .map_err(|source| MapsError::Map { name, source })
     }
 
     /// Every decision, exact and prefix scope.
@@ -733,7 +773,21 @@ impl KernelMaps {
             IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
             IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
         };
-        self.sources.get(&key, 0).ok().map(|s| s.bucket)
+        // A cache-only entry (a dropped source, never limited) has no bucket to show.
+        self.sources
+            .get(&key, 0)
+            .ok()
+            .filter(|s| s.last_seen_ns != 0)
+            .map(|s| s.bucket)
+    }
+
+    /// The shared limiter state of `addr`'s /24 or /64, if a prefix throttle ever limited it.
+    pub fn prefix_bucket(&self, addr: IpAddr) -> Option<Bucket> {
+        let key = match addr {
+            IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
+            IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
+        };
+        self.prefix_buckets.get(&key.prefix_scope(), 0).ok()
     }
 
     /// Every tracked source seen at or after `since_ns` (monotonic), with its state.
@@ -744,7 +798,8 @@ impl KernelMaps {
                 name: map_names::SOURCES,
                 source,
             })?;
-            if state.last_seen_ns >= since_ns {
+            // A zero last-seen time is a cache-only entry (a dropped source that never reached the limiter).
+            if state.last_seen_ns != 0 && state.last_seen_ns >= since_ns {
                 out.push((key_addr(&key), state));
             }
         }

@@ -149,6 +149,37 @@ impl KernelUnderTest {
         Ok((result.return_value, result.duration))
     }
 
+    /// Runs `frame` `repeat` times on each of `cpus`, all at once (one thread pinned per CPU, started together):
+    /// the program's shared state sees the concurrency of as many receive queues. Returns when all are done.
+    pub fn run_concurrently(
+        &mut self,
+        frames: &[Vec<u8>],
+        cpus: &[usize],
+        repeat: u32,
+    ) -> anyhow::Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = loader::program_mut(&mut self.ebpf)?.fd()?.as_fd().as_raw_fd();
+        let start = std::sync::Barrier::new(cpus.len());
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = cpus
+                .iter()
+                .zip(frames.iter().cycle())
+                .map(|(&cpu, frame)| {
+                    let start = &start;
+                    scope.spawn(move || -> anyhow::Result<()> {
+                        pin_current_thread(cpu).with_context(|| format!("pinning to CPU {cpu}"))?;
+                        start.wait();
+                        test_run_raw(fd, frame, repeat).context("BPF_PROG_TEST_RUN")
+                    })
+                })
+                .collect();
+            runs.into_iter().try_for_each(|run| {
+                run.join()
+                    .map_err(|_| anyhow::anyhow!("a test-run thread panicked"))?
+            })
+        })
+    }
+
     /// Runs one frame through the TC egress program, as a packet the host sends; returns the TC action.
     pub fn run_egress(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
         let program = loader::egress_program_mut(&mut self.ebpf)?;
@@ -230,4 +261,58 @@ impl KernelUnderTest {
         }
         Ok(out)
     }
+}
+
+/// Pins the calling thread to one CPU: per-CPU kernel state (`BPF_PROG_TEST_RUN` runs on the caller's CPU)
+/// then stays on one CPU for the whole test.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it; pid 0 = the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `BPF_PROG_TEST_RUN` of program `fd` on `frame`, `repeat` times, through bpf(2) directly: aya's `test_run`
+/// needs the `&mut` program, which threads cannot share.
+fn test_run_raw(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> std::io::Result<()> {
+    /// The head of `union bpf_attr`'s `test` member (the kernel zero-extends a shorter attr).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestRunAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a properly sized `#[repr(C)]` prefix of `union bpf_attr` for BPF_PROG_TEST_RUN; the
+    // frame outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -473,6 +473,8 @@ pub struct Reference {
     rate_classes: Vec<RateClass>,
     protected_ports: Vec<u16>,
     buckets: HashMap<IpAddr, Bucket>,
+    /// Shared buckets of prefixes throttled at prefix scope, by /24 or /64.
+    prefix_buckets: HashMap<IpNet, Bucket>,
     /// Verdicts by SYN signature key.
     syn_verdicts: HashMap<u64, RefDecision>,
     /// SYNs that passed, their handshake not complete (`HALF_OPEN`).
@@ -512,6 +514,13 @@ pub struct FlowRef {
     pub suspect: bool,
 }
 
+/// Whose bucket a limit charges: the source's own, or its prefix's (a throttle decision on the /24 or /64).
+#[derive(Clone, Copy)]
+enum LimitKey {
+    Source(IpAddr),
+    Prefix(IpNet),
+}
+
 fn live(expires_ns: u64, now: u64) -> bool {
     expires_ns == 0 || expires_ns > now
 }
@@ -526,6 +535,7 @@ impl Reference {
             rate_classes: vec![RateClass::UNLIMITED; capacity::RATE_CLASSES as usize],
             protected_ports: Vec::new(),
             buckets: HashMap::new(),
+            prefix_buckets: HashMap::new(),
             syn_verdicts: HashMap::new(),
             half_open: HashMap::new(),
             flows: HashMap::new(),
@@ -727,6 +737,11 @@ impl Reference {
             Some((Some(Action::Monitor), _)) => (0, Reason::PassMonitor),
             Some((None, _)) | None => (0, Reason::PassDefault),
         };
+        // A throttle on the /24 or /64 is one budget for the whole prefix.
+        let limit_key = match decision.map(|d| Action::from_u8(d.action)) {
+            Some(Some(Action::Throttle)) if !exact => LimitKey::Prefix(scope),
+            _ => LimitKey::Source(src),
+        };
 
         // Limits, by the source's class (0 unless throttled), for the traffic they apply to.
         if !transport.limited(&self.protected_ports) {
@@ -741,20 +756,20 @@ impl Reference {
             return Reason::DropTcpFragment;
         }
         if let Transport::Ports { tcp: Some(tcp), .. } = transport {
-            return self.tcp(src, tcp, class, pass_reason);
+            return self.tcp(limit_key, tcp, class, pass_reason);
         }
-        self.limit(src, class, transport.new_connection())
+        self.limit(limit_key, class, transport.new_connection())
             .unwrap_or(pass_reason)
     }
 
     /// The limits of `class` (none for a class past the table).
-    fn limit(&mut self, src: IpAddr, class: usize, new_connection: bool) -> Option<Reason> {
+    fn limit(&mut self, key: LimitKey, class: usize, new_connection: bool) -> Option<Reason> {
         let limits = self.rate_classes.get(class).copied()?;
-        self.rate_limit(src, limits, new_connection)
+        self.rate_limit(key, limits, new_connection)
     }
 
     /// The TCP program: SYN-signature verdicts, flows and the limits.
-    fn tcp(&mut self, src: IpAddr, tcp: Tcp, class: usize, pass: Reason) -> Reason {
+    fn tcp(&mut self, src: LimitKey, tcp: Tcp, class: usize, pass: Reason) -> Reason {
         let throttled = |r: Reason| match r {
             Reason::PassDefault | Reason::PassMonitor => Reason::PassThrottled,
             other => other,
@@ -935,17 +950,21 @@ impl Reference {
 
     /// GCRA on the source's state; the drop reason when over a limit. The state moves only when the packet
     /// conforms to every limit that applies.
-    fn rate_limit(&mut self, src: IpAddr, limits: RateClass, new_connection: bool) -> Option<Reason> {
+    fn rate_limit(&mut self, key: LimitKey, limits: RateClass, new_connection: bool) -> Option<Reason> {
         let limit_packets = limits.packet_interval_ns != 0;
         let limit_conns = new_connection && limits.conn_interval_ns != 0;
         if !limit_packets && !limit_conns {
             return None;
         }
         let now = self.now;
-        let bucket = self.buckets.entry(src).or_insert(Bucket {
+        let fresh = Bucket {
             packet_tat_ns: now,
             conn_tat_ns: now,
-        });
+        };
+        let bucket = match key {
+            LimitKey::Source(src) => self.buckets.entry(src).or_insert(fresh),
+            LimitKey::Prefix(net) => self.prefix_buckets.entry(net).or_insert(fresh),
+        };
         let mut next = *bucket;
         if limit_packets {
             match gcra_step(
@@ -978,6 +997,13 @@ impl Reference {
     /// The limiter state of `src`, if a limit ever applied to it.
     pub fn bucket(&self, src: IpAddr) -> Option<Bucket> {
         self.buckets.get(&src).copied()
+    }
+
+    /// The shared limiter state of `src`'s /24 or /64, if a prefix throttle ever limited it.
+    pub fn prefix_bucket(&self, src: IpAddr) -> Option<Bucket> {
+        let len = if src.is_ipv4() { 24 } else { 64 };
+        let scope = IpNet::new(src, len).expect("valid scope length").trunc();
+        self.prefix_buckets.get(&scope).copied()
     }
 
     /// The state that bears on `src`'s verdict (matching list entries, decisions, limiter), for mismatch reports.

@@ -114,7 +114,9 @@ fn block_drops_client_until_unblocked() -> anyhow::Result<()> {
         .find(|d| d.net == format!("{client}/32"))
         .unwrap_or_else(|| panic!("no decision on {client}: {decisions:?}"));
     assert_eq!((d.action.as_str(), d.origin.as_str()), ("block", "cli"), "{d:?}");
-    ensure!(d.hits >= N as u64, "decision hits {} < {N}: {d:?}", d.hits);
+    // Hits count policy walks (the kernel caches a source's outcome), so the decision matched at least once;
+    // the packets it dropped are the drop_block_exact count above.
+    ensure!(d.hits >= 1, "the decision never matched: {d:?}");
 
     // From inside the server namespace this time.
     lab.aqd(&["unblock", &client])?.ok()?;

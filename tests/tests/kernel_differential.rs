@@ -292,10 +292,17 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
             // as a different verdict much later, if ever; catch it at the packet that caused it.
             let kernel = effective(both.kernel.maps.bucket(src), now);
             let model = effective(both.model.bucket(src), now);
+            let kernel_prefix = effective(both.kernel.maps.prefix_bucket(src), now);
+            let model_prefix = effective(both.model.prefix_bucket(src), now);
             if kernel != model {
                 problem = Some(format!(
                     "both say {expected:?}, but the limiter state of {src} differs: kernel {kernel:?}, \
                      reference {model:?} (effective TATs: packet, connection)"
+                ));
+            } else if kernel_prefix != model_prefix {
+                problem = Some(format!(
+                    "both say {expected:?}, but the shared limiter state of {src}'s prefix differs: kernel \
+                     {kernel_prefix:?}, reference {model_prefix:?} (effective TATs: packet, connection)"
                 ));
             }
         }
