@@ -119,6 +119,18 @@ impl KernelUnderTest {
         self.set_config(self.config)
     }
 
+    /// Passes (`true`) or drops (`false`, the default) TCP fragments to protected ports.
+    pub fn set_pass_tcp_fragments(&mut self, pass: bool) -> anyhow::Result<()> {
+        let flag = detector_common::CONFIG_FLAG_PASS_TCP_FRAGMENTS;
+        if pass {
+            self.sticky_flags |= flag;
+        } else {
+            self.sticky_flags &= !flag;
+            self.config.flags &= !flag;
+        }
+        self.set_config(self.config)
+    }
+
     /// Runs one frame; returns the XDP action.
     pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
         Ok(self.run_repeat(frame, 1)?.0)

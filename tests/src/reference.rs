@@ -23,14 +23,35 @@
 //! - the limiter: one GCRA state per source (shared by every rate class), a new source starting at "now", the
 //!   packet limit checked before the connection limit (SYN without ACK), and a packet dropped by the connection
 //!   limit not consuming a packet token;
+//! - TCP fragments (IPv4 MF or offset, a non-atomic IPv6 fragment header) towards protected ports:
+//!   [`Reason::DropTcpFragment`] before the limits, unless `CONFIG_FLAG_PASS_TCP_FRAGMENTS`
+//!   ([`Reference::set_pass_tcp_fragments`]);
 //! - the TCP program (`aqd_tcp`), reached by TCP packets to protected ports whose whole 20-byte header is in
 //!   the frame: a SYN (without ACK) is looked up in the SYN-signature verdicts under the key userspace computes
 //!   for it (`detector_user::fingerprint::syn::parse_ip_tcp`, the kernel's twin): block → [`Reason::DropSynFingerprint`]
 //!   before the limits; throttle → the verdict's rate class (unless the source's decision has one) and
 //!   [`Reason::PassThrottled`]; monitor → [`Reason::PassMonitor`] instead of a default pass. A SYN that passes
-//!   starts a flow (keyed by addresses and ports) carrying a throttle verdict's class; the flow's later packets
-//!   are throttled by it the same way, and FIN or RST (if not dropped by the limits) ends the flow. Capture and
-//!   ClientHello keys are not modelled (the differential test runs with capture off);
+//!   makes a half-open entry (never replacing one; it never touches a verified flow) carrying the client's ISN
+//!   and a throttle verdict's class;
+//! - the TC egress program (`aqd_egress`, [`Reference::egress`]): a SYN-ACK from a protected port records the
+//!   server's ISN and the client ISN it acknowledges in the half-open entry (making one if there is none);
+//! - handshake verification: an ACK (without RST) with seq = client ISN + 1 and ack = server ISN + 1 moves the
+//!   half-open entry into the verified flows, or, with a wrong TCP checksum, is [`Reason::PassBadChecksum`]
+//!   before any limit and changes nothing. Packets of no verified flow get the limits only;
+//! - verified flows (`track_flow`): a throttle verdict's class applies, then the limits, then the checksum
+//!   (wrong → [`Reason::PassBadChecksum`], no change), then sequence numbers: a FIN/RST not exactly at
+//!   `next_seq` → [`Reason::PassCloseIgnored`]; after an in-sequence FIN (`FIN_SEEN`, `next_seq` + 1, the flow
+//!   kept) only an in-sequence RST does anything (ends the flow); only new in-order bytes advance `next_seq`;
+//!   an in-sequence RST ends the flow. A segment with payload at stream offset 0 goes through the ClientHello
+//!   step: the first one sets the flow's key when it is a ClientHello the reference knows
+//!   ([`Reference::know_client_hello`]: the kernel keys exactly those whole one-segment ClientHellos), a later
+//!   one that disagrees (keyed or not, or another key) marks the flow suspect;
+//! - checksums as `csum.rs` computes them: RFC 1071 over the segment up to the IP length field (never Ethernet
+//!   padding), the pseudo-header from the flow's addresses.
+//!
+//! Not modelled: ClientHello verdicts (`HELLO_VERDICTS`, installed by userspace from a JA4) and so the flow
+//! blocks they cause; capture and events; LRU eviction (the maps are far larger than a run's flows); the
+//! handshake-ACK-only and no-checksum config flags.
 //! - the address mapping of `detector_common::addr`: IPv4 lives IPv4-mapped (`::ffff:a.b.c.d`) in one 128-bit
 //!   space, so an IPv6 source `::ffff:a.b.c.d` *is* the IPv4 source `a.b.c.d` for every rule and limiter, and
 //!   an IPv6 prefix covering `::ffff:0:0/96` covers IPv4 sources.
@@ -76,6 +97,9 @@ pub enum Parsed {
         /// The source address, IPv4-mapped sources folded to IPv4 (see the module docs).
         src: IpAddr,
         transport: Transport,
+        /// An IP fragment, first or later: IPv4 MF or a fragment offset; an IPv6 fragment header that is not
+        /// atomic (RFC 6946), among the extension headers walked.
+        fragment: bool,
     },
 }
 
@@ -84,6 +108,8 @@ pub enum Parsed {
 pub enum Transport {
     Ports {
         dst_port: u16,
+        /// TCP (not UDP).
+        is_tcp: bool,
         /// A TCP SYN without ACK (or a TCP header cut off before its flags): a new connection.
         new_connection: bool,
         /// TCP with its whole 20-byte header in the frame: what the TCP program sees.
@@ -124,6 +150,15 @@ impl Transport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tcp {
     pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes up to the IP length (never Ethernet padding).
+    pub payload_len: u32,
+    /// A hash of those payload bytes (FNV-1a), for the ClientHello keys the reference knows.
+    pub payload_hash: u64,
+    /// The TCP checksum over the segment up to the IP length (pseudo-header from the flow's addresses) is
+    /// right: what `csum.rs` computes.
+    pub checksum_ok: bool,
     /// The flow: source, destination (IPv4-mapped in the one key space), source and destination port.
     pub flow: (u128, u128, u16, u16),
     /// The SYN signature's key, when userspace's parser reads the packet.
@@ -171,13 +206,21 @@ fn ipv4(packet: &[u8]) -> Parsed {
     } else {
         Transport::NoPorts { proto: Some(proto) }
     };
+    let ip_end = (ip.total_len() as usize).min(packet.len());
     with_tcp_flow(
         &mut transport,
         packet,
+        ip.slice().len(),
+        ip_end,
         key_of(src),
         key_of(IpAddr::V4(ip.destination_addr())),
     );
-    Parsed::Ip { src, transport }
+    let fragment = ip.more_fragments() || ip.fragments_offset().value() != 0;
+    Parsed::Ip {
+        src,
+        transport,
+        fragment,
+    }
 }
 
 fn ipv6(packet: &[u8]) -> Parsed {
@@ -185,13 +228,18 @@ fn ipv6(packet: &[u8]) -> Parsed {
     let Ok(ip) = Ipv6HeaderSlice::from_slice(packet) else {
         return Parsed::Malformed;
     };
-    let mut transport = ipv6_transport(ip.next_header().0, &packet[ip.slice().len()..]);
+    let (mut transport, l4, fragment) = ipv6_transport(ip.next_header().0, &packet[ip.slice().len()..]);
     let (src, dst) = (
         fold_v4_mapped(ip.source_addr()),
         fold_v4_mapped(ip.destination_addr()),
     );
-    with_tcp_flow(&mut transport, packet, key_of(src), key_of(dst));
-    Parsed::Ip { src, transport }
+    let ip_end = (40 + ip.payload_length() as usize).min(packet.len());
+    with_tcp_flow(&mut transport, packet, 40 + l4, ip_end, key_of(src), key_of(dst));
+    Parsed::Ip {
+        src,
+        transport,
+        fragment,
+    }
 }
 
 fn is_ipv6_ext(proto: u8) -> bool {
@@ -209,33 +257,39 @@ fn is_ipv6_ext(proto: u8) -> bool {
 /// the fragment header also its offset (4 bytes) — whether or not the rest of it is: what would come after a
 /// cut-off header lies past the end of the frame, so only the protocol it names is learnt. etherparse's
 /// extension-header slices demand the whole header and so would lose that protocol.
-fn ipv6_transport(first: u8, rest: &[u8]) -> Transport {
-    let unknown = Transport::NoPorts { proto: None };
+///
+/// Also returns where the transport header starts in `rest` and whether a fragment header that is not atomic
+/// was walked (the ninth and later extension headers are not: the transport is unknown then anyway).
+fn ipv6_transport(first: u8, rest: &[u8]) -> (Transport, usize, bool) {
+    let mut fragment = false;
+    let unknown = |fragment| (Transport::NoPorts { proto: None }, 0, fragment);
     let mut next = first;
     let mut at = 0usize;
     let mut followed = 0;
     while is_ipv6_ext(next) {
         if followed == MAX_IPV6_EXT_HEADERS {
-            return unknown;
+            return unknown(fragment);
         }
         followed += 1;
         let field = |i: usize| rest.get(at + i).copied();
         let (Some(next_header), Some(len)) = (field(0), field(1)) else {
-            return unknown;
+            return unknown(fragment);
         };
         let header_len = match IpNumber(next) {
             IpNumber::AUTHENTICATION_HEADER => (len as usize + 2) * 4,
             IpNumber::IPV6_FRAGMENTATION_HEADER => {
                 let (Some(hi), Some(lo)) = (field(2), field(3)) else {
-                    return unknown;
+                    return unknown(fragment);
                 };
+                fragment |= u16::from_be_bytes([hi, lo]) & 0xfff9 != 0;
                 if u16::from_be_bytes([hi, lo]) >> 3 != 0 {
                     // A non-first fragment: what follows its fragment header is the middle of the original
                     // payload, whatever it looks like. The protocol is the one the fragment header names,
                     // unless that is another extension header (of the fragmentable part): then unknown.
-                    return Transport::NoPorts {
+                    let transport = Transport::NoPorts {
                         proto: (!is_ipv6_ext(next_header)).then_some(next_header),
                     };
+                    return (transport, 0, fragment);
                 }
                 8
             }
@@ -244,7 +298,7 @@ fn ipv6_transport(first: u8, rest: &[u8]) -> Transport {
         next = next_header;
         at += header_len;
     }
-    transport(next, rest.get(at..).unwrap_or(&[]))
+    (transport(next, rest.get(at..).unwrap_or(&[])), at, fragment)
 }
 
 /// The transport of a first (or unfragmented) packet whose transport header, of protocol `proto`, starts `l4`.
@@ -261,11 +315,17 @@ fn transport(proto: u8, l4: &[u8]) -> Transport {
             };
             let tcp = (l4.len() >= 20).then(|| Tcp {
                 flags: l4[13],
+                seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+                ack: u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]),
+                payload_len: 0,
+                payload_hash: 0,
+                checksum_ok: false,
                 flow: (0, 0, u16::from_be_bytes([ports[0], ports[1]]), 0),
                 syn_key: None,
             });
             Transport::Ports {
                 dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+                is_tcp: true,
                 new_connection,
                 tcp,
             }
@@ -274,6 +334,7 @@ fn transport(proto: u8, l4: &[u8]) -> Transport {
         UDP => match l4.get(..8) {
             Some(udp) => Transport::Ports {
                 dst_port: u16::from_be_bytes([udp[2], udp[3]]),
+                is_tcp: false,
                 new_connection: false,
                 tcp: None,
             },
@@ -283,8 +344,17 @@ fn transport(proto: u8, l4: &[u8]) -> Transport {
     }
 }
 
-/// Completes a whole TCP header's flow (addresses, destination port) and, for a SYN, its signature key.
-fn with_tcp_flow(transport: &mut Transport, ip_packet: &[u8], src: u128, dst: u128) {
+/// Completes a whole TCP header's flow (addresses, destination port), its payload and checksum, and for a
+/// SYN its signature key. The TCP header starts at `l4` of `ip_packet`, the IP packet (by its length field,
+/// cut to the frame) ends at `ip_end`.
+fn with_tcp_flow(
+    transport: &mut Transport,
+    ip_packet: &[u8],
+    l4: usize,
+    ip_end: usize,
+    src: u128,
+    dst: u128,
+) {
     if let Transport::Ports {
         dst_port,
         tcp: Some(tcp),
@@ -295,7 +365,39 @@ fn with_tcp_flow(transport: &mut Transport, ip_packet: &[u8], src: u128, dst: u1
         if tcp.flags & 0x12 == 0x02 {
             tcp.syn_key = parse_ip_tcp(ip_packet).ok().map(|t| t.signature.key());
         }
+        let segment = ip_packet.get(l4..ip_end.max(l4)).unwrap_or(&[]);
+        tcp.checksum_ok = segment.len() >= 20 && tcp_checksum_ok(src, dst, segment);
+        let data_offset = ((ip_packet[l4 + 12] >> 4) as usize * 4).max(20);
+        let payload = ip_packet.get(l4 + data_offset..ip_end).unwrap_or(&[]);
+        tcp.payload_len = payload.len() as u32;
+        tcp.payload_hash = fnv1a(payload);
     }
+}
+
+/// RFC 1071 over the pseudo-header (both 16-byte keys: an IPv4-mapped key's extra words do not change a
+/// ones'-complement sum) and the segment; right when the sum folds to 0xffff.
+fn tcp_checksum_ok(src: u128, dst: u128, segment: &[u8]) -> bool {
+    let mut sum: u64 = 0;
+    for addr in [src, dst] {
+        for word in addr.to_be_bytes().chunks(2) {
+            sum += u16::from_be_bytes([word[0], word[1]]) as u64;
+        }
+    }
+    sum += TCP as u64 + segment.len() as u64;
+    for word in segment.chunks(2) {
+        sum += u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)]) as u64;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// FNV-1a, 64-bit.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// `::ffff:a.b.c.d` is `a.b.c.d` (one key space, see the module docs).
@@ -375,8 +477,41 @@ pub struct Reference {
     prefix_buckets: HashMap<IpNet, Bucket>,
     /// Verdicts by SYN signature key.
     syn_verdicts: HashMap<u64, RefDecision>,
-    /// Flows started by a SYN that passed: (action, rate class) of the verdict they carry.
-    flows: HashMap<(u128, u128, u16, u16), (u8, u8)>,
+    /// SYNs that passed, their handshake not complete (`HALF_OPEN`).
+    half_open: HashMap<FlowKey, HalfOpenRef>,
+    /// Verified flows (`FLOWS`).
+    flows: HashMap<FlowKey, FlowRef>,
+    /// `CONFIG_FLAG_PASS_TCP_FRAGMENTS`.
+    pass_tcp_fragments: bool,
+    /// ClientHello records the reference can key (the kernel key of a whole one-segment ClientHello), by the
+    /// payload's [`fnv1a`]. Any other payload is not a keyable ClientHello.
+    hello_keys: HashMap<u64, u64>,
+}
+
+/// A flow: source, destination (IPv4-mapped in the one key space), source and destination port.
+pub type FlowKey = (u128, u128, u16, u16);
+
+/// A `HALF_OPEN` entry as the reference keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HalfOpenRef {
+    client_isn: u32,
+    /// Learnt from the server's SYN-ACK (`aqd_egress`).
+    server_isn: Option<u32>,
+    /// The SYN verdict's throttle: (action, rate class), or (0, 0).
+    verdict: (u8, u8),
+}
+
+/// A `FLOWS` entry: what the verdicts and the flow rules depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRef {
+    pub action: u8,
+    pub rate_class: u8,
+    pub isn: u32,
+    pub next_seq: u32,
+    pub fin_seen: bool,
+    pub hello_seen: bool,
+    pub hello_key: u64,
+    pub suspect: bool,
 }
 
 /// Whose bucket a limit charges: the source's own, or its prefix's (a throttle decision on the /24 or /64).
@@ -402,7 +537,10 @@ impl Reference {
             buckets: HashMap::new(),
             prefix_buckets: HashMap::new(),
             syn_verdicts: HashMap::new(),
+            half_open: HashMap::new(),
             flows: HashMap::new(),
+            pass_tcp_fragments: false,
+            hello_keys: HashMap::new(),
         }
     }
 
@@ -470,12 +608,104 @@ impl Reference {
         self.flows.len()
     }
 
+    /// Half-open entries.
+    pub fn half_open_count(&self) -> usize {
+        self.half_open.len()
+    }
+
+    /// The verified flow `flow`, if tracked.
+    pub fn flow(&self, flow: FlowKey) -> Option<FlowRef> {
+        self.flows.get(&flow).copied()
+    }
+
+    /// Passes TCP fragments to protected ports (`CONFIG_FLAG_PASS_TCP_FRAGMENTS`) or drops them.
+    pub fn set_pass_tcp_fragments(&mut self, pass: bool) {
+        self.pass_tcp_fragments = pass;
+    }
+
+    /// A ClientHello record (the whole payload of a segment) and its kernel key.
+    pub fn know_client_hello(&mut self, record: &[u8], key: u64) {
+        self.hello_keys.insert(fnv1a(record), key);
+    }
+
+    /// `aqd_egress` seeing `frame` leave: a server's SYN-ACK from a protected port records the server's ISN
+    /// (and the client ISN it acknowledges) in the half-open entry, making one if there is none.
+    pub fn egress(&mut self, frame: &[u8]) {
+        let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let Some(mut ether_type) = be16(12) else {
+            return;
+        };
+        let mut l3 = 14;
+        if ether_type == 0x8100 {
+            let Some(inner) = be16(16) else {
+                return;
+            };
+            ether_type = inner;
+            l3 += 4;
+        }
+        let (server, client, l4) = match ether_type {
+            0x0800 => {
+                let Some(ip) = frame.get(l3..l3 + 20) else {
+                    return;
+                };
+                let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+                if ip[0] >> 4 != 4 || ip[9] != TCP || fragment != 0 {
+                    return;
+                }
+                let v4 = |o: usize| {
+                    u128::from(
+                        std::net::Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]).to_ipv6_mapped(),
+                    )
+                };
+                (v4(12), v4(16), l3 + (ip[0] & 0x0f) as usize * 4)
+            }
+            0x86DD => {
+                let Some(ip) = frame.get(l3..l3 + 40) else {
+                    return;
+                };
+                if ip[6] != TCP {
+                    return;
+                }
+                let v6 = |o: usize| u128::from_be_bytes(ip[o..o + 16].try_into().expect("16 bytes"));
+                (v6(8), v6(24), l3 + 40)
+            }
+            _ => return,
+        };
+        if l4 > 128 {
+            return;
+        }
+        let Some(tcp) = frame.get(l4..l4 + 14) else {
+            return;
+        };
+        if tcp[13] & 0x12 != 0x12 {
+            return;
+        }
+        let server_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        if !self.protected_ports.contains(&server_port) {
+            return;
+        }
+        let key = (client, server, u16::from_be_bytes([tcp[2], tcp[3]]), server_port);
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        let entry = self.half_open.entry(key).or_insert(HalfOpenRef {
+            client_isn: 0,
+            server_isn: None,
+            verdict: (0, 0),
+        });
+        entry.client_isn = ack.wrapping_sub(1);
+        entry.server_isn = Some(seq);
+    }
+
     /// The reason the program must give for `frame` at the current time; updates the limiter state.
     pub fn classify(&mut self, frame: &[u8]) -> Reason {
-        let (src, transport) = match parse(frame) {
+        let (src, transport, fragment) = match parse(frame) {
             Parsed::NotIp => return Reason::PassNotIp,
             Parsed::Malformed => return Reason::PassMalformed,
-            Parsed::Ip { src, transport } => (src, transport),
+            Parsed::Ip {
+                src,
+                transport,
+                fragment,
+            } => (src, transport, fragment),
         };
         match self.list_hit(ListKind::Allow, src) {
             Some(ListHit::Exact) => return Reason::PassAllowExact,
@@ -516,6 +746,14 @@ impl Reference {
         // Limits, by the source's class (0 unless throttled), for the traffic they apply to.
         if !transport.limited(&self.protected_ports) {
             return pass_reason;
+        }
+        // No honest TLS client fragments TCP at the IP layer (unless configured to pass them).
+        let is_tcp = matches!(
+            transport,
+            Transport::Ports { is_tcp: true, .. } | Transport::NoPorts { proto: Some(TCP) }
+        );
+        if fragment && is_tcp && !self.pass_tcp_fragments {
+            return Reason::DropTcpFragment;
         }
         if let Transport::Ports { tcp: Some(tcp), .. } = transport {
             return self.tcp(limit_key, tcp, class, pass_reason);
@@ -564,33 +802,116 @@ impl Reference {
                 reason = drop;
             }
             if reason.verdict() == detector_common::Verdict::Pass {
-                let state = if throttle {
+                // A SYN only makes a half-open entry, and never replaces one (nor touches FLOWS).
+                let verdict = if throttle {
                     (Action::Throttle as u8, class as u8)
                 } else {
                     (0, 0)
                 };
-                self.flows.insert(tcp.flow, state);
+                self.half_open.entry(tcp.flow).or_insert(HalfOpenRef {
+                    client_isn: tcp.seq,
+                    server_isn: None,
+                    verdict,
+                });
             }
             return reason;
         }
-        let flow = self.flows.get(&tcp.flow).copied();
-        if let Some((action, flow_class)) = flow {
-            match Action::from_u8(action) {
-                Some(Action::Block) => return Reason::DropFlowFingerprint,
-                Some(Action::Throttle) => {
-                    if class == 0 {
-                        class = flow_class as usize;
-                    }
-                    reason = throttled(reason);
-                }
-                _ => {}
+        // The ACK that completes a handshake: the SYN's ISN + 1, acknowledging the server's ISN (learnt by
+        // egress), ACK without RST, and a valid checksum; a bad checksum with the right numbers is counted as
+        // such before any limit.
+        if !self.flows.contains_key(&tcp.flow)
+            && let Some(h) = self.half_open.get(&tcp.flow).copied()
+            && tcp.flags & 0x14 == 0x10
+            && tcp.seq == h.client_isn.wrapping_add(1)
+            && h.server_isn.is_some_and(|isn| tcp.ack == isn.wrapping_add(1))
+        {
+            if !tcp.checksum_ok {
+                return anomaly(pass, Reason::PassBadChecksum);
             }
+            self.half_open.remove(&tcp.flow);
+            self.flows.insert(
+                tcp.flow,
+                FlowRef {
+                    action: h.verdict.0,
+                    rate_class: h.verdict.1,
+                    isn: h.client_isn,
+                    next_seq: tcp.seq,
+                    fin_seen: false,
+                    hello_seen: false,
+                    hello_key: 0,
+                    suspect: false,
+                },
+            );
+        }
+        let Some(mut f) = self.flows.get(&tcp.flow).copied() else {
+            // No verified flow: the limits, nothing recorded (a ClientHello verdict is not modelled).
+            return self.limit(src, class, false).unwrap_or(pass);
+        };
+        match Action::from_u8(f.action) {
+            Some(Action::Block) => return Reason::DropFlowFingerprint,
+            Some(Action::Throttle) => {
+                if class == 0 {
+                    class = f.rate_class as usize;
+                }
+                reason = throttled(reason);
+            }
+            _ => {}
         }
         if let Some(drop) = self.limit(src, class, false) {
             return drop;
         }
-        if flow.is_some() && tcp.flags & 0x05 != 0 {
-            self.flows.remove(&tcp.flow);
+        let reason = self.track_flow(&mut f, tcp, reason);
+        if let Some(entry) = self.flows.get_mut(&tcp.flow) {
+            *entry = f;
+        }
+        reason
+    }
+
+    /// The flow rules of a verified flow (`track_flow`): checksum, sequence numbers, FIN/RST, the ClientHello
+    /// at stream offset 0. Removes the flow on an accepted RST; the caller stores `f` back otherwise.
+    fn track_flow(&mut self, f: &mut FlowRef, tcp: Tcp, reason: Reason) -> Reason {
+        let closes = tcp.flags & 0x05 != 0;
+        let rst = tcp.flags & 0x04 != 0;
+        if !tcp.checksum_ok {
+            return anomaly(reason, Reason::PassBadChecksum);
+        }
+        let rel = tcp.seq.wrapping_sub(f.next_seq) as i32;
+        if closes && rel != 0 {
+            return anomaly(reason, Reason::PassCloseIgnored);
+        }
+        if f.fin_seen {
+            if rst {
+                self.flows.remove(&tcp.flow);
+            }
+            return reason;
+        }
+        let len = tcp.payload_len as i64;
+        if len > 0 && rel <= 0 && rel as i64 + len > 0 {
+            f.next_seq = f.next_seq.wrapping_add((rel as i64 + len) as u32);
+        }
+        if closes {
+            if rst {
+                self.flows.remove(&tcp.flow);
+                return reason;
+            }
+            f.next_seq = f.next_seq.wrapping_add(1);
+            f.fin_seen = true;
+        }
+        if len > 0 && tcp.seq.wrapping_sub(f.isn).wrapping_sub(1) == 0 {
+            // `aqd_hello`: the first segment at offset 0 sets the key; another one that disagrees (keyed or
+            // not, or another key) marks the flow suspect.
+            let key = self.hello_keys.get(&tcp.payload_hash).copied();
+            if !f.hello_seen {
+                f.hello_seen = true;
+                if let Some(k) = key {
+                    f.hello_key = k;
+                }
+            } else {
+                let was_keyed = f.hello_key != 0;
+                if was_keyed != key.is_some() || key.is_some_and(|k| k != f.hello_key) {
+                    f.suspect = true;
+                }
+            }
         }
         reason
     }
@@ -726,6 +1047,16 @@ impl Reference {
     }
 }
 
+/// A packet that changes nothing because of what it is (bad checksum, ignored close) counts as that anomaly
+/// instead of a pass.
+fn anomaly(pass: Reason, anomaly: Reason) -> Reason {
+    if pass.verdict() == detector_common::Verdict::Pass {
+        anomaly
+    } else {
+        pass
+    }
+}
+
 /// One GCRA step: the new theoretical arrival time if a packet at `now` conforms, `None` if it is too early.
 fn gcra_step(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
     let tat = tat.max(now);
@@ -740,10 +1071,12 @@ pub fn describe(parsed: &Parsed) -> String {
         Parsed::Ip {
             src,
             transport: Transport::NoPorts { proto: None },
+            ..
         } => format!("src {src}, no ports, transport unknown"),
         Parsed::Ip {
             src,
             transport: Transport::NoPorts { proto: Some(p) },
+            ..
         } => format!("src {src}, no ports, protocol {p}"),
         Parsed::Ip {
             src,
@@ -752,12 +1085,23 @@ pub fn describe(parsed: &Parsed) -> String {
                     dst_port,
                     new_connection,
                     tcp,
+                    ..
                 },
+            fragment,
         } => format!(
-            "src {src}, dst port {dst_port}{}{}",
+            "src {src}, dst port {dst_port}{}{}{}",
             if new_connection { ", new connection" } else { "" },
+            if fragment { ", fragment" } else { "" },
             match tcp {
-                Some(t) => format!(", TCP flags {:#04x}, SYN key {:?}", t.flags, t.syn_key),
+                Some(t) => format!(
+                    ", TCP flags {:#04x}, seq {} ack {}, {} payload bytes, checksum {}, SYN key {:?}",
+                    t.flags,
+                    t.seq,
+                    t.ack,
+                    t.payload_len,
+                    if t.checksum_ok { "ok" } else { "bad" },
+                    t.syn_key
+                ),
                 None => String::new(),
             }
         ),

@@ -8,6 +8,14 @@
 //! verdicts are installed for the signatures the generated SYNs have most often, so the TCP program's verdicts
 //! and flows (throttled flows) are compared too.
 //!
+//! Mixed with the random frames are connection-shaped sequences ([`Conv`]): a SYN, the server's SYN-ACK through
+//! the TC egress program (now and then missing, or acknowledging another ISN), the handshake ACK (now and then
+//! with a bad checksum or wrong numbers), then data in and out of sequence, retransmissions and overlaps,
+//! ClientHellos at stream offset 0 that agree or disagree, FIN and RST exactly in sequence, just off, or far out,
+//! bad checksums and IP fragments. For their packets the flow state that matters (tracked or not, `next_seq`,
+//! FIN_SEEN, SUSPECT, keyed) must agree too. TCP fragments to protected ports are dropped (the default) or, for
+//! stretches of the run, passed to the limits.
+//!
 //! Seeded and reproducible: the seed is printed; `AQD_DIFF_SEED=<u64>` replays a run, `AQD_DIFF_SEED=random` picks
 //! a new one (the default is fixed, so CI is deterministic). Everything random comes
 //! from one `SmallRng`, and the kernel's only other input (its clock) is the test clock.
@@ -22,11 +30,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aqd_tests::{
+    fp::{client_hello_record, hello_key_of_record, small_hello},
     kernel::KernelUnderTest,
-    packet::ethernet,
-    reference::{self, ListKind, RefDecision, Reference},
+    packet::{Segment, ethernet, tcp_flag, with_ipv4_fragment},
+    reference::{self, FlowKey, ListKind, RefDecision, Reference},
 };
-use detector_common::{Bucket, Decision, Origin, REASON_COUNT, RateClass, Reason, capacity};
+use detector_common::{
+    AddrKey, Bucket, Decision, FlowTuple, Origin, REASON_COUNT, RateClass, Reason, capacity, flow::flow_flag,
+};
 use detector_user::maps::{List, rate_class_limits};
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::SmallRng, seq::SliceRandom};
@@ -37,17 +48,11 @@ const PROTECTED_PORTS: [u16; 2] = [443, 8443];
 /// The seed CI runs (any seed must pass; this one is known to exercise every reason).
 const DEFAULT_SEED: u64 = 1;
 const DEFAULT_PACKETS: u64 = 100_000;
-/// Reasons this test cannot reach: they need the ClientHello path (capture on, `HELLO_VERDICTS`), which the
-/// reference does not model. `kernel_fingerprint.rs` and `counters_add_up_over_a_mixed_run` cover them.
-/// The flow-integrity reasons too: random frames never complete a handshake (no server SYN-ACK), and the
-/// reference passes fragments (as the kernel does here, `pass_tcp_fragments`); kernel_adversarial tests them.
-const NOT_MODELLED: [Reason; 5] = [
-    Reason::DropHelloFingerprint,
-    Reason::DropFlowFingerprint,
-    Reason::DropTcpFragment,
-    Reason::PassBadChecksum,
-    Reason::PassCloseIgnored,
-];
+/// Reasons this test cannot reach: they need a ClientHello verdict (`HELLO_VERDICTS`: a fingerprint blocked by
+/// its JA4, whose kernel keys userspace derives from the JA4), which the reference does not model — no verdict
+/// is installed, so the kernel's ClientHello walk is compared only by the state it leaves (key set or not,
+/// SUSPECT). `kernel_fingerprint.rs`, `kernel_adversarial.rs` and `counters_add_up_over_a_mixed_run` cover them.
+const NOT_MODELLED: [Reason; 2] = [Reason::DropHelloFingerprint, Reason::DropFlowFingerprint];
 /// The clock moves in whole microseconds, and so do expiries: an entry expiring exactly "now" does happen.
 const US: u64 = 1_000;
 
@@ -175,6 +180,10 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
         };
         both.syn_verdict_put(key, decision)?;
     }
+    let hellos = Hellos::new();
+    for (record, key) in [(&hellos.a, hellos.key_a), (&hellos.b, hellos.key_b)] {
+        both.model.know_client_hello(record, key);
+    }
     let setup = started.elapsed();
 
     let mut seen = [0u64; REASON_COUNT];
@@ -185,6 +194,10 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
     let mut last_src = pool.member(&mut rng);
     let mut flood: Option<Flood> = None;
     let mut flooded = 0u64;
+    let mut conv: Option<Conv> = None;
+    let mut conversations = 0u64;
+    let mut conv_packets = 0u64;
+    let mut conv_tracked = 0u64;
     for index in 0..packets {
         if index == next_churn {
             churn(&mut both, &mut rng, &pool, now, horizon_us)?;
@@ -221,11 +234,44 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
             flood = None;
         }
         last_src = src;
-        let mut frame = build_frame(&mut rng, src, shape);
-        if rng.gen_bool(0.35) {
-            mutate(&mut rng, &mut frame);
-            mutated += 1;
+        if conv.is_none() && rng.gen_bool(0.03) {
+            // Half from the pool (rules, decisions and limits apply), half from sources no rule covers.
+            let src = if rng.gen_bool(0.5) {
+                pool.source(&mut rng)
+            } else {
+                random_outsider(&mut rng)
+            };
+            conv = Some(Conv::new(&mut rng, src));
+            conversations += 1;
         }
+        // A connection-shaped packet now and then instead of a random frame (not mutated: its bytes are what
+        // the scenario needs, checksums included).
+        let mut conv_frame = None;
+        if let Some(c) = conv.as_mut()
+            && rng.gen_bool(0.3)
+        {
+            let frame = c.next(&mut rng, &mut both, &hellos)?;
+            if c.done {
+                conv = None;
+            }
+            conv_frame = Some(frame);
+            conv_packets += 1;
+        }
+        let is_conv = conv_frame.is_some();
+        let frame = match conv_frame {
+            Some(bytes) => Generated {
+                bytes,
+                fields: Vec::new(),
+            },
+            None => {
+                let mut frame = build_frame(&mut rng, src, shape);
+                if rng.gen_bool(0.35) {
+                    mutate(&mut rng, &mut frame);
+                    mutated += 1;
+                }
+                frame
+            }
+        };
 
         let expected = both.model.classify(&frame.bytes);
         let got = both.kernel.classify(&frame.bytes).with_context(|| {
@@ -260,6 +306,34 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
                 ));
             }
         }
+        // The flow state that matters, for the packets of the connection-shaped sequences: tracked or not,
+        // next_seq, FIN_SEEN, SUSPECT.
+        if problem.is_none()
+            && is_conv
+            && let reference::Parsed::Ip {
+                transport: reference::Transport::Ports { tcp: Some(tcp), .. },
+                ..
+            } = parsed
+        {
+            let kernel = both.kernel.flow(&tuple_of(tcp.flow)).map(|f| FlowView {
+                next_seq: f.next_seq,
+                fin_seen: f.flags & flow_flag::FIN_SEEN != 0,
+                suspect: f.flags & flow_flag::SUSPECT != 0,
+                keyed: f.hello_key != 0,
+            });
+            let model = both.model.flow(tcp.flow).map(|f| FlowView {
+                next_seq: f.next_seq,
+                fin_seen: f.fin_seen,
+                suspect: f.suspect,
+                keyed: f.hello_key != 0,
+            });
+            conv_tracked += model.is_some() as u64;
+            if kernel != model {
+                problem = Some(format!(
+                    "both say {expected:?}, but the flow state differs: kernel {kernel:?}, reference {model:?}"
+                ));
+            }
+        }
         if let Some(problem) = problem {
             let rules = match parsed {
                 reference::Parsed::Ip { src, .. } => both.model.rules_for(src),
@@ -279,6 +353,12 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
     }
 
     let elapsed = started.elapsed();
+    println!(
+        "{conversations} connection-shaped sequences, {conv_packets} of their packets ({conv_tracked} of a tracked \
+         flow); {} flows tracked and {} half-open at the end",
+        both.model.flow_count(),
+        both.model.half_open_count()
+    );
     println!(
         "{packets} packets agree ({mutated} mutated, {flooded} in floods, {churns} rule changes)\n\
          {elapsed:.2?} in all, setup {setup:.2?}, {:.1} µs per packet; the test clock advanced {:.3} s",
@@ -318,14 +398,22 @@ struct Both {
 impl Both {
     fn new(now_ns: u64) -> anyhow::Result<Self> {
         Ok(Self {
-            kernel: {
-                let mut k = KernelUnderTest::load(now_ns)?;
-                // The reference models fragments passed; their default drop is tested in kernel_adversarial.
-                k.pass_tcp_fragments()?;
-                k
-            },
+            kernel: KernelUnderTest::load(now_ns)?,
             model: Reference::new(now_ns),
         })
+    }
+
+    fn set_pass_tcp_fragments(&mut self, pass: bool) -> anyhow::Result<()> {
+        self.kernel.set_pass_tcp_fragments(pass)?;
+        self.model.set_pass_tcp_fragments(pass);
+        Ok(())
+    }
+
+    /// A frame the host sends (the server's SYN-ACK), through `aqd_egress` and the reference's model of it.
+    fn egress(&mut self, frame: &[u8]) -> anyhow::Result<()> {
+        self.kernel.run_egress(frame)?;
+        self.model.egress(frame);
+        Ok(())
     }
 
     fn set_now(&mut self, now_ns: u64) -> anyhow::Result<()> {
@@ -566,7 +654,238 @@ fn churn(both: &mut Both, rng: &mut SmallRng, pool: &Pool, now: u64, horizon_us:
             }
         }
     }
+    // Now and then TCP fragments to protected ports pass (so the limits see them) or are dropped (the default).
+    if rng.gen_bool(0.15) {
+        both.set_pass_tcp_fragments(rng.gen_bool(0.4))?;
+    }
     Ok(())
+}
+
+// ---- connection-shaped sequences ----
+
+/// The kernel's view of a flow, as far as the test compares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlowView {
+    next_seq: u32,
+    fin_seen: bool,
+    suspect: bool,
+    keyed: bool,
+}
+
+fn tuple_of(flow: FlowKey) -> FlowTuple {
+    FlowTuple {
+        src: AddrKey::from_v6(flow.0.to_be_bytes()),
+        dst: AddrKey::from_v6(flow.1.to_be_bytes()),
+        src_port: flow.2,
+        dst_port: flow.3,
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+/// Two ClientHellos the kernel keys (one segment each), with different keys: a second one at stream offset 0
+/// that disagrees with the first marks the flow suspect.
+struct Hellos {
+    a: Vec<u8>,
+    key_a: u64,
+    b: Vec<u8>,
+    key_b: u64,
+}
+
+impl Hellos {
+    fn new() -> Self {
+        let a = client_hello_record();
+        let mut other = small_hello();
+        other.ciphers.pop();
+        let b = other.records(16_384);
+        let (key_a, key_b) = (hello_key_of_record(&a), hello_key_of_record(&b));
+        assert_ne!(key_a, key_b, "the two ClientHellos key differently");
+        Self { a, key_a, b, key_b }
+    }
+}
+
+/// A connection: SYN, the server's SYN-ACK (through the egress program), the handshake ACK, then data, FIN and
+/// RST in and out of sequence, bad checksums, retransmissions, disagreeing ClientHellos, fragments.
+struct Conv {
+    syn: Segment,
+    stage: u8,
+    left: u32,
+    done: bool,
+}
+
+impl Conv {
+    fn new(rng: &mut SmallRng, src: IpAddr) -> Self {
+        let mut syn = Segment::syn("192.0.2.1", "198.51.100.1", *PROTECTED_PORTS.choose(rng).unwrap());
+        syn.src = src;
+        syn.dst = match src {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+            IpAddr::V6(_) => "2001:db8:ffff::1".parse().unwrap(),
+        };
+        syn.src_port = rng.gen_range(1024..=65535);
+        // ISNs near the wrap now and then.
+        syn.seq = if rng.gen_bool(0.2) {
+            u32::MAX - rng.gen_range(0..2_000)
+        } else {
+            rng.r#gen()
+        };
+        Self {
+            syn,
+            stage: 0,
+            left: rng.gen_range(3..=40),
+            done: false,
+        }
+    }
+
+    /// The next frame of the sequence (running the server's SYN-ACK through egress when its turn comes).
+    fn next(&mut self, rng: &mut SmallRng, both: &mut Both, hellos: &Hellos) -> anyhow::Result<Vec<u8>> {
+        let syn = self.syn.clone();
+        if self.stage == 0 {
+            self.stage = 1;
+            return Ok(syn.build());
+        }
+        if self.stage == 1 {
+            self.stage = 2;
+            match rng.gen_range(0..100) {
+                // No SYN-ACK seen: the handshake cannot be verified.
+                0..=7 => {}
+                // A SYN-ACK acknowledging another client ISN: the server's word wins.
+                8..=12 => {
+                    self.syn.seq = self.syn.seq.wrapping_add(rng.gen_range(1..=3));
+                    both.egress(&syn.syn_ack().with_flags(0x12).build())?;
+                    let mut ack = syn.syn_ack();
+                    ack.ack = self.syn.seq.wrapping_add(1);
+                    both.egress(&ack.build())?;
+                }
+                _ => both.egress(&syn.syn_ack().build())?,
+            }
+        }
+        let syn = self.syn.clone();
+        if self.stage == 2 {
+            let ack = syn.handshake_ack();
+            return Ok(match rng.gen_range(0..100) {
+                0..=11 => ack.with_bad_checksum().build(),
+                12..=17 => {
+                    let mut wrong = ack;
+                    wrong.ack = wrong.ack.wrapping_add(rng.gen_range(1..=1000));
+                    wrong.build()
+                }
+                18..=22 => {
+                    let mut wrong = ack;
+                    wrong.seq = wrong.seq.wrapping_add(rng.gen_range(1..=1000));
+                    wrong.build()
+                }
+                23..=26 => ack.with_flags(tcp_flag::ACK | tcp_flag::RST).build(),
+                27..=30 => syn.build(),
+                31..=35 => syn.data(0, &hellos.a).build(),
+                _ => {
+                    self.stage = 3;
+                    if rng.gen_bool(0.1) {
+                        ack.with_flags(tcp_flag::ACK | tcp_flag::FIN).build()
+                    } else {
+                        ack.build()
+                    }
+                }
+            });
+        }
+        // Established (as far as the generator knows): aim at the reference's next_seq when it tracks the flow.
+        self.left = self.left.saturating_sub(1);
+        if self.left == 0 {
+            self.done = true;
+        }
+        let flow = (key_of(syn.src), key_of(syn.dst), syn.src_port, syn.dst_port);
+        let at = both.model.flow(flow).map_or(rng.gen_range(0..2_000), |f| {
+            f.next_seq.wrapping_sub(syn.seq).wrapping_sub(1)
+        });
+        let data = |rng: &mut SmallRng| -> Vec<u8> {
+            let n = rng.gen_range(1..=64);
+            (0..n)
+                .map(|_| rng.gen_range(0..=255u8))
+                .filter(|b| *b != 22)
+                .chain([1])
+                .collect()
+        };
+        let first = |rng: &mut SmallRng| -> Vec<u8> {
+            match rng.gen_range(0..10) {
+                0..=5 => hellos.a.clone(),
+                6 | 7 => hellos.b.clone(),
+                8 => hellos.a[..rng.gen_range(9..hellos.a.len())].to_vec(),
+                _ => data(rng),
+            }
+        };
+        let close_flags = |rng: &mut SmallRng, rst: bool| {
+            let base = if rst { tcp_flag::RST } else { tcp_flag::FIN };
+            if rng.gen_bool(0.7) {
+                base | tcp_flag::ACK
+            } else {
+                base
+            }
+        };
+        let off_by = |rng: &mut SmallRng| -> u32 {
+            // Just off (what a sloppy RFC 5961 window would accept), inside a window, or far out.
+            let d = match rng.gen_range(0..4) {
+                0 | 1 => rng.gen_range(1..=4u32),
+                2 => rng.gen_range(1..=3_000),
+                _ => rng.gen_range(1..=1 << 31),
+            };
+            if rng.gen_bool(0.5) { d } else { d.wrapping_neg() }
+        };
+        let segment = match rng.gen_range(0..100) {
+            0..=24 => {
+                let payload = if at == 0 { first(rng) } else { data(rng) };
+                syn.data(at, &payload)
+            }
+            25..=34 => syn.data(0, &first(rng)),
+            35..=42 => syn.data(rng.gen_range(0..=at.min(3_000)), &data(rng)),
+            43..=48 => syn.data(at.wrapping_add(rng.gen_range(1..=200)), &data(rng)),
+            49..=55 => syn.data(at, &data(rng)).with_bad_checksum(),
+            56..=60 => {
+                let segment = syn.data(at, &first(rng));
+                if let (IpAddr::V4(_), true) = (syn.src, rng.gen_bool(0.8)) {
+                    return Ok(ethernet(
+                        &[],
+                        0x0800,
+                        &with_ipv4_fragment(&segment.ip_packet(), 0, true),
+                    ));
+                }
+                segment
+            }
+            61..=67 => syn.data(at, &[]).with_flags(close_flags(rng, false)),
+            68..=75 => {
+                let rst = rng.gen_bool(0.5);
+                syn.data(at.wrapping_add(off_by(rng)), &[])
+                    .with_flags(close_flags(rng, rst))
+            }
+            76..=80 => {
+                self.done = true;
+                syn.data(at, &[]).with_flags(close_flags(rng, true))
+            }
+            81..=84 => {
+                let rst = rng.gen_bool(0.5);
+                syn.data(at, &[])
+                    .with_flags(close_flags(rng, rst))
+                    .with_bad_checksum()
+            }
+            85..=89 => syn.data(at, &[]).with_flags(tcp_flag::ACK),
+            90..=92 => syn.clone(),
+            93..=96 => {
+                let payload = data(rng);
+                syn.data(at, &payload).with_flags(close_flags(rng, false))
+            }
+            _ => {
+                // Data overlapping the next expected byte.
+                let back = rng.gen_range(1..=10).min(at);
+                syn.data(at - back, &data(rng))
+            }
+        };
+        Ok(segment.build())
+    }
+}
+
+fn key_of(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
+    }
 }
 
 // ---- frames ----
