@@ -149,6 +149,14 @@ struct RawDaemon {
     dry_run: bool,
 }
 
+/// A duration given as whole seconds (`3600`) or as text (`"1h"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SecsOrDuration {
+    Secs(i64),
+    Text(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProtection {
@@ -162,6 +170,9 @@ struct RawProtection {
     verify_tcp_checksums: Option<bool>,
     #[serde(default)]
     handshake_ack_only: bool,
+    flow_idle_timeout: Option<Spanned<SecsOrDuration>>,
+    flow_fin_timeout: Option<Spanned<SecsOrDuration>>,
+    half_open_timeout: Option<Spanned<SecsOrDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +251,9 @@ pub struct Config {
     /// `[protection] handshake_ack_only`: for hosts that never see the server's SYN-ACK (a load balancer that
     /// does not terminate TCP); forged sources can then complete handshakes in aqd's eyes.
     pub handshake_ack_only: bool,
+    /// `[protection] flow_idle_timeout`, `flow_fin_timeout`, `half_open_timeout`: when the daemon deletes idle
+    /// entries of the kernel's connection tables (see `aging`).
+    pub aging: crate::aging::AgingPolicy,
     /// Rate classes by name; id 0 ("default") applies to every source without a decision.
     pub rate_classes: Vec<RateClassConfig>,
     pub allow: Vec<IpNet>,
@@ -344,6 +358,47 @@ impl Config {
             "decisions.default_ttl",
             Duration::from_secs(4 * 3600),
         )?;
+        // Connection-table ageing: 1 s .. 7 d (an entry idle longer than a week is no connection worth a slot).
+        let aging_timeout = |v: &Option<Spanned<SecsOrDuration>>, field: &str, default: Duration| {
+            let Some(v) = v else { return Ok(default) };
+            let (text, parsed) = match v.get_ref() {
+                SecsOrDuration::Secs(n) => (
+                    n.to_string(),
+                    u64::try_from(*n)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .map(Duration::from_secs)
+                        .ok_or_else(|| format!("{n}: must be a positive number of seconds")),
+                ),
+                SecsOrDuration::Text(t) => (t.clone(), parse_duration(t)),
+            };
+            match parsed {
+                Ok(d) if d <= Duration::from_secs(7 * 86400) => Ok(d),
+                Ok(_) => Err(lines.invalid(
+                    v.span(),
+                    field,
+                    format!("'{text}' is longer than 7d (give seconds, or a duration from 1s to 7d)"),
+                )),
+                Err(m) => Err(lines.invalid(v.span(), field, m)),
+            }
+        };
+        let aging = crate::aging::AgingPolicy {
+            flow_idle: aging_timeout(
+                &raw.protection.flow_idle_timeout,
+                "protection.flow_idle_timeout",
+                crate::aging::DEFAULT_FLOW_IDLE_TIMEOUT,
+            )?,
+            fin_idle: aging_timeout(
+                &raw.protection.flow_fin_timeout,
+                "protection.flow_fin_timeout",
+                crate::aging::DEFAULT_FLOW_FIN_TIMEOUT,
+            )?,
+            half_open: aging_timeout(
+                &raw.protection.half_open_timeout,
+                "protection.half_open_timeout",
+                crate::aging::DEFAULT_HALF_OPEN_TIMEOUT,
+            )?,
+        };
         let ttl_jitter = match &raw.decisions.ttl_jitter {
             None => 0.1,
             Some(j) if (0.0..=0.5).contains(j.get_ref()) => *j.get_ref(),
@@ -582,6 +637,7 @@ impl Config {
             pass_tcp_fragments: raw.protection.pass_tcp_fragments,
             verify_tcp_checksums: raw.protection.verify_tcp_checksums.unwrap_or(true),
             handshake_ack_only: raw.protection.handshake_ack_only,
+            aging,
             rate_classes,
             allow,
             deny,
@@ -711,6 +767,36 @@ mod tests {
         assert!(err("[daemon]\nmetrics_address = \"localhost\"\n").contains("daemon.metrics_address"));
         assert!(err("[rate_classes.slow]\nid = 99\n").contains("rate_classes.slow"));
         assert!(err("[rate_classes.slow]\nid = 0\n").contains("only it"));
+    }
+
+    #[test]
+    fn connection_table_timeouts_take_seconds_or_durations_and_are_validated() {
+        let c = Config::default();
+        assert_eq!(c.aging, crate::aging::AgingPolicy::default());
+        let c = Config::from_toml(
+            "[protection]\nflow_idle_timeout = 7200\nflow_fin_timeout = \"2m\"\nhalf_open_timeout = \"10s\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.aging.flow_idle, Duration::from_secs(7200));
+        assert_eq!(c.aging.fin_idle, Duration::from_secs(120));
+        assert_eq!(c.aging.half_open, Duration::from_secs(10));
+        let e = err("[protection]\nflow_idle_timeout = 0\n");
+        assert!(
+            e.contains(":2: protection.flow_idle_timeout") && e.contains("positive"),
+            "{e}"
+        );
+        let e = err("[protection]\nflow_idle_timeout = -5\n");
+        assert!(e.contains(":2: protection.flow_idle_timeout"), "{e}");
+        let e = err("[protection]\n\nflow_fin_timeout = \"1 minute\"\n");
+        assert!(e.contains(":3: protection.flow_fin_timeout"), "{e}");
+        let e = err("[protection]\nhalf_open_timeout = \"30d\"\n");
+        assert!(
+            e.contains("protection.half_open_timeout") && e.contains("7d"),
+            "{e}"
+        );
+        let e = err("[protection]\nflow_idle_timeout = 1.5\n");
+        assert!(e.contains("flow_idle_timeout"), "{e}");
     }
 
     #[test]

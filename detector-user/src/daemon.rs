@@ -26,6 +26,7 @@ use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use crate::{
+    aging::{Ager, AgingStats, Baseline, FlowFigures, FlowTables},
     attach::{self, Attached},
     clock,
     config::{Config, parse_cidr},
@@ -73,6 +74,12 @@ pub struct DaemonState {
     pub live: LiveState,
     /// Events → observations → the behavioural model → decisions (origin `model`).
     pub model: ModelStage,
+    /// `FLOWS` and `HALF_OPEN`, for the flow-table figures (the ager has its own handles).
+    pub flow_tables: FlowTables,
+    /// What the connection-table ager removed, and its policy.
+    pub aging: Arc<AgingStats>,
+    /// The tables and counters when this daemon started, to derive LRU evictions from.
+    pub flow_baseline: Baseline,
 }
 
 /// Settings given on the command line; they win over the config file.
@@ -153,7 +160,13 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     .context("loading the XDP program")?;
     // The kernel programs do not log (aya-log's formatter is a BPF subprogram whose stack adds to the
     // caller's); what they see is counted per reason and sent as events.
+    // Handles on the connection tables first: `from_ebpf` takes the maps out of `ebpf`.
+    let flow_tables = FlowTables::from_ebpf(&ebpf).context("opening the connection tables")?;
+    let ager = Ager::new(flow_tables.try_clone()?);
     let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+    let flow_baseline =
+        Baseline::take(&flow_tables, &maps.counters()?).context("reading the connection tables")?;
+    let aging = Arc::new(AgingStats::new(config.aging));
     let audit = AuditLog::open(&config.audit_log)?;
     let events = Arc::new(EventStats::default());
     let reloads = Arc::new(ReloadStats::default());
@@ -178,6 +191,9 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             },
             config.dry_run,
         ),
+        flow_tables,
+        aging: Arc::clone(&aging),
+        flow_baseline,
     };
     state.enforcer.fp = FpVerdicts::load(&paths::fp_verdicts_for_socket(&config.socket));
     // Settings and lists go in before the program is attached, so it never runs with stale limits.
@@ -224,6 +240,8 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         }
         None => None,
     };
+
+    spawn_ager(ager, Arc::clone(&aging))?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -299,6 +317,38 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     }
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("exiting; the XDP program stays attached and keeps enforcing (`aqd detach` removes it)");
+    Ok(())
+}
+
+/// Entries of each connection table the ager reads per second: a full 262k-entry table is walked in about 16 s,
+/// in batches of some ms, with no daemon lock held.
+const AGING_ENTRIES_PER_SECOND: usize = 16_384;
+
+/// Starts the connection-table ager (its own thread: its syscalls never hold up the event loop or the
+/// control socket). It ends with the process.
+fn spawn_ager(mut ager: Ager, stats: Arc<AgingStats>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("aqd-aging".into())
+        .spawn(move || {
+            loop {
+                let policy = stats.policy();
+                match ager.step(&policy, clock::monotonic_ns(), AGING_ENTRIES_PER_SECOND, &stats) {
+                    Ok(r) if r.flows_idle + r.flows_closed + r.half_open > 0 => tracing::debug!(
+                        idle = r.flows_idle,
+                        closed = r.flows_closed,
+                        half_open = r.half_open,
+                        "aged out connection-table entries"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("ageing the connection tables: {e}");
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .context("starting the connection-table ager")?;
     Ok(())
 }
 
@@ -432,6 +482,7 @@ impl DaemonState {
         self.enforcer.audit_config_lists(&added, &removed)?;
         self.config_entries = wanted;
         save_config_entries(&self.config_entries_path, &self.config_entries)?;
+        self.aging.set_policy(config.aging);
         self.enforcer.set_config(config.clone());
         self.live.configure(&config.fingerprints);
         self.apply_fingerprint_rules(config)?;
@@ -892,6 +943,50 @@ impl DaemonState {
         Ok(out)
     }
 
+    /// The flow-table figures (entries walked now; evictions derived, see `FlowFigures`).
+    pub fn flow_figures(&self, counters: &crate::maps::CounterTotals) -> std::io::Result<FlowFigures> {
+        let entries = self.flow_tables.entries()?;
+        Ok(FlowFigures::derive(
+            &self.flow_baseline,
+            counters,
+            &self.aging,
+            entries,
+        ))
+    }
+
+    fn flow_table_view(&self, counters: &crate::maps::CounterTotals) -> std::io::Result<Value> {
+        let f = self.flow_figures(counters)?;
+        let policy = self.aging.policy();
+        Ok(json!({
+            "flows": {
+                "entries": f.flows_entries,
+                "capacity": f.flows_capacity,
+                "established": f.established,
+                "reset": f.reset,
+                "fin": f.fin,
+                "aged_idle": f.aged_idle,
+                "aged_closed": f.aged_closed,
+                "evicted": f.evicted,
+            },
+            "half_open": {
+                "entries": f.half_open_entries,
+                "capacity": f.half_open_capacity,
+                "created": f.half_open_created,
+                "aged": f.half_open_aged,
+                "evicted_at_least": f.half_open_evicted,
+            },
+            "aging": {
+                "flow_idle_timeout_secs": policy.flow_idle.as_secs(),
+                "flow_fin_timeout_secs": policy.fin_idle.as_secs(),
+                "half_open_timeout_secs": policy.half_open.as_secs(),
+                "passes": self.aging.passes.load(Ordering::Relaxed),
+                "errors": self.aging.errors.load(Ordering::Relaxed),
+            },
+            "since_daemon_start": self.flow_baseline,
+            "evicted_is": "flows at daemon start + established - reset - aged - flows now (since the daemon started; LRU evictions are not counted by the kernel)",
+        }))
+    }
+
     /// The `status` view.
     pub fn status(&self) -> Result<Value, ControlError> {
         let failed = |e: crate::maps::MapsError| ControlError::new(ErrorKind::Failed, e.to_string());
@@ -935,6 +1030,9 @@ impl DaemonState {
         fingerprints["verdicts"] = json!(self.enforcer.fp.by_id.values().filter(|v| v.live(now)).count());
         fingerprints["writes"] = json!(self.enforcer.fp_stats);
         view["fingerprints"] = fingerprints;
+        view["flow_table"] = self
+            .flow_table_view(&counters)
+            .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
         Ok(view)
     }
 }

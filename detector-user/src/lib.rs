@@ -11,6 +11,7 @@
 //! - [`daemon`]: `aqd run`;
 //! - [`paths`], [`clock`]: names and time shared by all of the above.
 
+pub mod aging;
 pub mod attach;
 pub mod clock;
 pub mod config;

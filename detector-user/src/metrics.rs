@@ -104,6 +104,47 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
     registry.register("map_entries", "Entries in each kernel map", map_entries);
     registry.register("map_capacity", "Capacity of each kernel map", map_capacity);
 
+    // The connection tables: entries now, and what left them by which way (evictions derived, see `aging`).
+    let figures = state.flow_figures(&counters).map_err(|e| e.to_string())?;
+    let table_entries = Family::<Labels, Gauge>::default();
+    table_entries
+        .get_or_create(&labels(&[("table", "flows")]))
+        .set(figures.flows_entries as i64);
+    table_entries
+        .get_or_create(&labels(&[("table", "half_open")]))
+        .set(figures.half_open_entries as i64);
+    registry.register(
+        "flow_table_entries",
+        "Entries in the connection tables (FLOWS: verified flows; HALF_OPEN: SYNs)",
+        table_entries,
+    );
+    let removed = Family::<Labels, Counter>::default();
+    for (table, how, n) in [
+        ("flows", "reset", figures.reset),
+        ("flows", "aged_idle", figures.aged_idle),
+        ("flows", "aged_closed", figures.aged_closed),
+        ("flows", "evicted", figures.evicted),
+        ("half_open", "aged", figures.half_open_aged),
+        ("half_open", "evicted", figures.half_open_evicted),
+    ] {
+        removed
+            .get_or_create(&labels(&[("table", table), ("how", how)]))
+            .inc_by(n);
+    }
+    registry.register(
+        "flow_table_removed",
+        "Connection-table entries removed, by how (resets: kernel counter; ageing: since the daemon started; \
+         evicted: derived since the daemon started, a lower bound for half_open)",
+        removed,
+    );
+    let established = Counter::<u64>::default();
+    established.inc_by(figures.established);
+    registry.register(
+        "flows_established",
+        "Verified handshakes: flows inserted into FLOWS",
+        established,
+    );
+
     let decisions = Family::<Labels, Gauge>::default();
     let mut by_kind: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for d in maps.decisions().map_err(|e| e.to_string())? {

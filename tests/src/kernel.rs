@@ -34,6 +34,8 @@ pub struct KernelUnderTest {
     config: Config,
     /// `Config::flags` bits kept through every [`Self::set_config`].
     sticky_flags: u32,
+    /// `FLOWS` and `HALF_OPEN` as the daemon's ager opens them.
+    flow_tables: detector_user::aging::FlowTables,
 }
 
 /// Handles on the maps of the fingerprint path, and the event ring buffer.
@@ -79,8 +81,10 @@ impl KernelUnderTest {
             flows: reopen(&ebpf, map_names::FLOWS)?,
             events: reopen(&ebpf, map_names::EVENTS)?,
         };
+        let flow_tables = detector_user::aging::FlowTables::from_ebpf(&ebpf)?;
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
         let mut k = Self {
+            flow_tables,
             ebpf,
             maps,
             fp,
@@ -246,6 +250,11 @@ impl KernelUnderTest {
 
     pub fn syn_verdict(&self, key: u64) -> Option<Decision> {
         self.fp.syn_verdicts.get(&key, 0).ok()
+    }
+
+    /// Fresh handles on `FLOWS` and `HALF_OPEN`, as the daemon's ager uses them.
+    pub fn flow_tables(&self) -> anyhow::Result<detector_user::aging::FlowTables> {
+        self.flow_tables.try_clone()
     }
 
     /// The kernel's state of a tracked flow.

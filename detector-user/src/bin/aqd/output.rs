@@ -142,6 +142,37 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
             );
         }
     }
+    let ft = &view["flow_table"];
+    if ft.is_object() {
+        let (f, h, a) = (&ft["flows"], &ft["half_open"], &ft["aging"]);
+        let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+        println!(
+            "flows: {} / {} tracked; established {}  reset {}  FIN {}  aged idle {}  aged closed {}  evicted (LRU) {}",
+            n(f, "entries"),
+            n(f, "capacity"),
+            n(f, "established"),
+            n(f, "reset"),
+            n(f, "fin"),
+            n(f, "aged_idle"),
+            n(f, "aged_closed"),
+            n(f, "evicted")
+        );
+        println!(
+            "  half-open: {} / {}; SYNs {}  aged {}  evicted (LRU) ≥ {}",
+            n(h, "entries"),
+            n(h, "capacity"),
+            n(h, "created"),
+            n(h, "aged"),
+            n(h, "evicted_at_least")
+        );
+        println!(
+            "  ageing: idle flows after {}, closed after {}, half-open after {}; {} passes",
+            duration(n(a, "flow_idle_timeout_secs")),
+            duration(n(a, "flow_fin_timeout_secs")),
+            duration(n(a, "half_open_timeout_secs")),
+            n(a, "passes")
+        );
+    }
     let fp = &view["fingerprints"];
     if fp.is_object() {
         let n = |k: &str| fp[k].as_u64().unwrap_or(0);
