@@ -9,6 +9,9 @@ use crate::{
     maps::{PREFIX_BUCKETS, RATE_CLASSES, SOURCES},
 };
 
+/// Map update flag: create only, never replace.
+pub const NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
+
 /// What a new `SOURCES` entry starts from, in read-only global data: a 72-byte value built on the stack would
 /// push `aqd_tcp` over the 512-byte BPF stack.
 static NEW_SOURCE: SourceState = SourceState::NEW;
@@ -44,7 +47,9 @@ pub fn source_entry(src: &AddrKey, fresh: &SourceState) -> Option<*mut SourceSta
     if let Some(state) = SOURCES.get_ptr_mut(src) {
         return Some(state);
     }
-    SOURCES.insert(src, fresh, 0).ok()?;
+    // BPF_NOEXIST: when another CPU created the entry meanwhile, its entry (and the charges already on it) is
+    // kept; replacing it would detach the bucket that CPU goes on charging.
+    let _ = SOURCES.insert(src, fresh, NOEXIST);
     SOURCES.get_ptr_mut(src)
 }
 
@@ -112,11 +117,7 @@ fn prefix_bucket(src: &AddrKey) -> Option<*mut Bucket> {
         return Some(bucket);
     }
     // BPF_NOEXIST: two CPUs creating it at once keep the first one's state.
-    let _ = PREFIX_BUCKETS.insert(
-        &prefix,
-        &Bucket::default(),
-        aya_ebpf::bindings::BPF_NOEXIST as u64,
-    );
+    let _ = PREFIX_BUCKETS.insert(&prefix, &Bucket::default(), NOEXIST);
     PREFIX_BUCKETS.get_ptr_mut(&prefix)
 }
 
@@ -159,22 +160,44 @@ fn conforms(tat: *mut u64, now: u64, tolerance: u64) -> bool {
 }
 
 /// Charges one packet: TAT = max(TAT, now) + interval. Several receive queues may charge one bucket at once, so
-/// a busy bucket (TAT ahead of now) is advanced with an atomic add (BPF `XADD`, every kernel and CPU version):
-/// every conforming packet moves TAT by exactly one interval, and the long-run rate holds with any number of
-/// CPUs. Racing CPUs that both passed `conforms` can overshoot the burst by one packet per CPU; that extra
-/// credit is paid back at once (TAT moved for each). Only an idle bucket (TAT behind now) is restarted with a
-/// plain store, where a race may forget one charge per CPU, once per idle-to-busy transition. A full
-/// compare-and-swap loop would need BPF v3 atomics and gains nothing measurable here.
+/// every update is atomic: a busy bucket (TAT ahead of now) is advanced with an atomic add (every conforming
+/// packet moves TAT by exactly one interval, so the long-run rate holds with any number of CPUs), an idle one
+/// is restarted at now + interval with a compare-and-swap, and when another CPU got there first (the swap
+/// fails) the charge is an add on top of what it wrote. Nothing is ever overwritten, so no charge is lost
+/// however long a CPU stalls between its read and its write (a vCPU preempted by the hypervisor, say). CPUs
+/// that passed `conforms` in the same instant can overshoot the burst by one packet per extra CPU; that credit
+/// is paid back at once (TAT moved for each).
 #[inline(always)]
 fn charge(tat: *mut u64, now: u64, interval: u64) {
     // SAFETY: `tat` points into map memory (see `rate_limit`), 8-byte aligned (a u64 field of a repr(C) value).
     unsafe {
-        if core::ptr::read_volatile(tat) > now {
+        let seen = core::ptr::read_volatile(tat);
+        if seen > now || compare_and_swap(tat, seen, now + interval) != seen {
             atomic_add(tat, interval);
-        } else {
-            core::ptr::write_volatile(tat, now + interval);
         }
     }
+}
+
+/// `*dst = new` if `*dst == expected`, as one BPF atomic instruction (`BPF_CMPXCHG`, Linux 5.12+); returns the
+/// value `*dst` held. Asm for the same reason as [`atomic_add`]; the instruction compares with and returns in
+/// r0.
+///
+/// # Safety
+/// `dst` must point to an 8-byte aligned u64 in map memory.
+#[inline(always)]
+unsafe fn compare_and_swap(dst: *mut u64, expected: u64, new: u64) -> u64 {
+    let previous: u64;
+    // SAFETY: per the caller's contract; the instruction reads and writes only `*dst` (and r0).
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({dst} + 0, r0, {new})",
+            dst = in(reg) dst,
+            new = in(reg) new,
+            inout("r0") expected => previous,
+            options(nostack),
+        );
+    }
+    previous
 }
 
 /// `*dst += value` as one BPF atomic instruction (`BPF_ATOMIC | BPF_ADD`, the old `XADD`, accepted by every

@@ -51,7 +51,7 @@ use detector_common::{
 
 use account::account;
 use clock::Clock;
-use limits::{limit_source, live_decision, source_entry};
+use limits::{NOEXIST, limit_source, live_decision, source_entry};
 use maps::{
     ALLOW_EXACT, ALLOW_PREFIX, CACHE_WORK, CONFIG, DECISION_EXACT, DECISION_PREFIX, DEFAULT_CONFIG,
     DENY_EXACT, DENY_PREFIX, POLICY_GEN, PROGRAMS, PROTECTED_PORTS, SCRATCH, SOURCES,
@@ -142,7 +142,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
         if state.is_none() {
             // `aqd_tcp` finds the entry with the policy already cached.
             // SAFETY: as above.
-            let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, 0);
+            let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, NOEXIST);
         }
         hand_off_tcp(ctx, packet, reason, rate_class, prefix_limit);
         // Only reached when the tail call failed (the table entry is missing): limits still apply below.
@@ -171,7 +171,7 @@ fn cache_only(src: &AddrKey, missing: bool, work: *mut CacheWork, clock: &mut Cl
     // SAFETY: per-CPU map memory from a successful lookup.
     if missing && admit(unsafe { &mut *work }, clock) {
         // SAFETY: as above.
-        let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, 0);
+        let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, NOEXIST);
     }
 }
 

@@ -1395,9 +1395,10 @@ fn prefix_throttle_shares_one_budget_across_its_addresses() {
 }
 
 /// Two CPUs (as two receive queues) spending one budget at once stay within it: GCRA charges are atomic, so the
-/// total admitted is the burst plus at most two packets per extra CPU (both passed the check in the same
-/// instant; one charge lost as the idle bucket restarted). Without atomics lost updates let through about 10 %
-/// more (measured: 2,191 for a burst of 2,000 on two CPUs). The same holds for
+/// total admitted is the burst plus at most one packet per extra CPU (both passed the check in the same
+/// instant). Without atomics lost updates let through about 10 % more (measured: 2,191 for a burst of 2,000 on
+/// two CPUs), and with a plain store restarting an idle bucket 2,030 (a stalled vCPU's store erased the other's
+/// charges). The same holds for
 /// two sources of one throttled prefix on two CPUs (the shared bucket).
 #[test]
 fn concurrent_cpus_stay_within_one_budget() {
@@ -1427,12 +1428,13 @@ fn concurrent_cpus_stay_within_one_budget() {
         let passed = count(Reason::PassThrottled);
         let dropped = count(Reason::DropRatePackets);
         assert_eq!(passed + dropped, REPEAT as u64 * cpus.len() as u64);
-        // Per extra CPU: one check-then-charge race, and one charge forgotten when the idle bucket restarts.
-        let extra = 2 * (cpus.len() as u64 - 1);
+        // Per extra CPU: one check-then-charge race (both passed the check in the same instant).
+        let extra = cpus.len() as u64 - 1;
         assert!(
             (BURST..=BURST + extra).contains(&passed),
-            "{} CPUs admitted {passed} packets against a burst of {BURST}",
-            cpus.len()
+            "{} CPUs admitted {passed} packets from {} source(s) against a burst of {BURST}",
+            cpus.len(),
+            frames.len()
         );
     }
 }
