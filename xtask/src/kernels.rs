@@ -36,11 +36,12 @@ use clap::Args;
 use crate::{bootstrap, util};
 
 /// The kernel test binaries of `aqd-tests` (tests/tests/*.rs), in the order they run.
-pub const KERNEL_TESTS: [&str; 5] = [
+pub const KERNEL_TESTS: [&str; 6] = [
     "kernel_smoke",
     "kernel_fixtures",
     "kernel_malformed",
     "kernel_fingerprint",
+    "kernel_adversarial",
     "kernel_differential",
 ];
 /// Packets of the differential test with `--long` (its default is 100,000).
