@@ -238,6 +238,7 @@ fn options(ctx: &XdpContext, scratch: &mut Scratch, l4: usize, header_len: usize
     const AVAIL: usize = 2;
     const DONE: usize = 3;
     const EOL_AT: usize = 4;
+    const AT: usize = 5;
     let walk = &raw mut scratch.walk;
     let put =
         move |i: usize, v: usize| unsafe { core::ptr::write_volatile(&raw mut (*walk)[i & 7], v as u32) };
@@ -337,8 +338,13 @@ fn options(ctx: &XdpContext, scratch: &mut Scratch, l4: usize, header_len: usize
         unsafe { core::ptr::write_volatile(&raw mut (*sig).eol_pad, (options_end - eol_at - 1) as u8) };
         for i in 1..MAX_OPTION_BYTES {
             let at = eol_at + i;
-            if at < options_end && at < avail && byte(at) != 0 {
-                add_quirk(quirk::OPT_PLUS);
+            if at < options_end && at < avail {
+                // Through scratch memory, so LLVM keeps `byte`'s index mask (it drops it as `at < options_end`
+                // bounds it, but 6.1's verifier learns no bound from comparing two registers: unbounded read).
+                put(AT, at);
+                if byte(get(AT)) != 0 {
+                    add_quirk(quirk::OPT_PLUS);
+                }
             }
         }
     }

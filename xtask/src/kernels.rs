@@ -36,11 +36,12 @@ use clap::Args;
 use crate::{bootstrap, util};
 
 /// The kernel test binaries of `aqd-tests` (tests/tests/*.rs), in the order they run.
-pub const KERNEL_TESTS: [&str; 5] = [
+pub const KERNEL_TESTS: [&str; 6] = [
     "kernel_smoke",
     "kernel_fixtures",
     "kernel_malformed",
     "kernel_fingerprint",
+    "kernel_adversarial",
     "kernel_differential",
 ];
 /// Packets of the differential test with `--long` (its default is 100,000).
@@ -314,16 +315,33 @@ fn write_initramfs(path: &Path, tests: &[(String, PathBuf)], env: &[(String, Str
     libraries.sort();
     libraries.dedup();
     for library in &libraries {
-        let relative = library.strip_prefix("/").unwrap_or(library);
-        for ancestor in relative.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev() {
-            if !ancestor.as_os_str().is_empty() {
-                cpio.dir(&ancestor.to_string_lossy());
-            }
-        }
         let bytes = fs::read(library).with_context(|| format!("reading {}", library.display()))?;
-        cpio.file(&relative.to_string_lossy(), &bytes, 0o755);
+        cpio.file_at(library, &bytes, 0o755);
+    }
+    // kernel_fingerprint reads the public test data at `tests/../../shared/testdata` (a path resolved from
+    // the tests crate's directory, so that directory must exist too): both at the host's paths.
+    let tests_crate = util::workspace_root().join("tests");
+    cpio.dir_at(&tests_crate);
+    let testdata = tests_crate.join("../../shared/testdata");
+    if let Ok(testdata) = testdata.canonicalize() {
+        add_tree(&mut cpio, &testdata)?;
     }
     fs::write(path, cpio.finish()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The files under `dir`, recursively, at their host paths.
+fn add_tree(cpio: &mut Cpio, dir: &Path) -> anyhow::Result<()> {
+    cpio.dir_at(dir);
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            add_tree(cpio, &path)?;
+        } else if path.is_file() {
+            let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            cpio.file_at(&path, &bytes, 0o644);
+        }
+    }
     Ok(())
 }
 
@@ -411,6 +429,25 @@ impl Cpio {
 
     fn file(&mut self, name: &str, data: &[u8], permissions: u32) {
         self.entry(name, 0o100_000 | permissions, data);
+    }
+
+    /// Directory `path` (absolute, as on the host) and its ancestors.
+    fn dir_at(&mut self, path: &Path) {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        for ancestor in relative.ancestors().collect::<Vec<_>>().into_iter().rev() {
+            if !ancestor.as_os_str().is_empty() {
+                self.dir(&ancestor.to_string_lossy());
+            }
+        }
+    }
+
+    /// File `path` (absolute, as on the host), after its directories.
+    fn file_at(&mut self, path: &Path, data: &[u8], permissions: u32) {
+        if let Some(parent) = path.parent() {
+            self.dir_at(parent);
+        }
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        self.file(&relative.to_string_lossy(), data, permissions);
     }
 
     fn finish(mut self) -> Vec<u8> {
