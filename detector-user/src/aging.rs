@@ -40,7 +40,10 @@ use aya::{
 use detector_common::{FlowState, FlowTuple, HalfOpen, capacity, flow::flow_flag, flow_counter, map_names};
 use serde::Serialize;
 
-use crate::maps::CounterTotals;
+use crate::{
+    bpf_sys::{BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_ELEM, BatchAttr, ElemAttr, bpf},
+    maps::CounterTotals,
+};
 
 /// Default `[protection] flow_idle_timeout`.
 pub const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -186,51 +189,7 @@ impl FlowTables {
     }
 }
 
-// ---- raw map syscalls (aya 0.14 has no batch operations) ----
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// The element member of `union bpf_attr`.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
-    // SAFETY: `attr` is the attribute layout `cmd` expects; its pointers are valid for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
+// ---- raw map syscalls (aya 0.14 has no batch operations): `crate::bpf_sys` ----
 
 fn lookup<K: aya::Pod, V: aya::Pod>(map: &MapData, key: &K) -> Option<V> {
     // SAFETY: Pod values are plain bytes; all-zero is a valid value.

@@ -13,6 +13,7 @@
 
 pub mod aging;
 pub mod attach;
+mod bpf_sys;
 pub mod clock;
 pub mod config;
 pub mod control;

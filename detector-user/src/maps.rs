@@ -986,20 +986,8 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> Result<(), std::io::Error> {
+    use crate::bpf_sys::{BPF_MAP_UPDATE_BATCH, BatchAttr, bpf};
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     assert_eq!(keys.len(), values.len());
     let fd = map.fd().as_fd().as_raw_fd();
     for (k, v) in keys.chunks(8192).zip(values.chunks(8192)) {
@@ -1013,19 +1001,8 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` matches the kernel's batch attribute layout; keys and values point to `count`
-        // Pod elements of the map's key and value sizes, alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // Keys and values point to `count` Pod elements of the map's key and value sizes, alive for the call.
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
     }
     Ok(())
 }

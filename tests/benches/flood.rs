@@ -53,6 +53,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use aqd_tests::{
+    kernel::{BPF_PROG_TEST_RUN, TestRunAttr, bpf, pin_current_thread},
     netns::{self, CLIENT_IF, CmdOutput, Lab, SERVER_IF, SERVICE_PORT, run_bounded},
     packet::Frame,
     tls,
@@ -133,7 +134,6 @@ fn deny_prefix_src() -> Ipv4Addr {
 // ---------------------------------------------------------------------------------------------------------------
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
@@ -155,28 +155,6 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
 /// `struct xdp_md`, the XDP test run's context.
 #[repr(C)]
 struct XdpMd {
@@ -186,15 +164,6 @@ struct XdpMd {
     ingress_ifindex: u32,
     rx_queue_index: u32,
     egress_ifindex: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, properly sized `#[repr(C)]` prefix of `union bpf_attr` for `cmd`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
 }
 
 /// Loads the XDP program `r0 = action; exit` (BPF_MOV64_IMM, BPF_EXIT) under `name`.
@@ -249,18 +218,6 @@ fn live_frames(prog: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Resu
     let start = Instant::now();
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok((start.elapsed(), attr.duration))
-}
-
-fn pin_thread_to(cpu: usize) -> io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it; pid 0 = the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -649,7 +606,7 @@ impl Generator {
         let (fd, ifindex, frame) = (self.fd.as_raw_fd(), self.ifindex, frame.to_vec());
         lab.client
             .run(move || {
-                pin_thread_to(GEN_CPU)?;
+                pin_current_thread(GEN_CPU)?;
                 live_frames(fd, &frame, ifindex, frames)
             })
             .context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES")

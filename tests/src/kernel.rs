@@ -286,23 +286,46 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `BPF_PROG_TEST_RUN` of program `fd` on `frame`, `repeat` times, through bpf(2) directly: aya's `test_run`
-/// needs the `&mut` program, which threads cannot share.
-fn test_run_raw(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> std::io::Result<()> {
-    /// The head of `union bpf_attr`'s `test` member (the kernel zero-extends a shorter attr).
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
+/// `BPF_PROG_TEST_RUN`, the bpf(2) command.
+pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN), for test runs on a raw program fd (threads, live
+/// frames) where aya's `test_run` and its `&mut` program do not fit.
+#[repr(C)]
+#[derive(Default)]
+pub struct TestRunAttr {
+    pub prog_fd: u32,
+    pub retval: u32,
+    pub data_size_in: u32,
+    pub data_size_out: u32,
+    pub data_in: u64,
+    pub data_out: u64,
+    pub repeat: u32,
+    pub duration: u32,
+    pub ctx_size_in: u32,
+    pub ctx_size_out: u32,
+    pub ctx_in: u64,
+    pub ctx_out: u64,
+    pub flags: u32,
+    pub cpu: u32,
+    pub batch_size: u32,
+    pub _pad: u32,
+}
+
+/// bpf(2) with `cmd`'s attribute; the caller makes sure `attr` is that command's layout and its pointers are
+/// valid for the call.
+pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: per the contract above; the kernel reads and writes only `size_of::<T>()` bytes of `attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    Ok(rc)
+}
+
+/// `BPF_PROG_TEST_RUN` of program `fd` on `frame`, `repeat` times: aya's `test_run` needs the `&mut` program,
+/// which threads cannot share.
+fn test_run_raw(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> std::io::Result<()> {
     let mut attr = TestRunAttr {
         prog_fd: fd as u32,
         data_size_in: frame.len() as u32,
@@ -310,18 +333,5 @@ fn test_run_raw(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> std::io::R
         repeat,
         ..TestRunAttr::default()
     };
-    // SAFETY: `attr` is a properly sized `#[repr(C)]` prefix of `union bpf_attr` for BPF_PROG_TEST_RUN; the
-    // frame outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    bpf(BPF_PROG_TEST_RUN, &mut attr).map(|_| ())
 }
