@@ -63,8 +63,11 @@ pub mod scratch_flag {
     /// blocked fingerprint) and records nothing.
     pub const STATELESS: u8 = 1 << 0;
     /// Set by `aqd_xdp`: the source is throttled by a prefix decision, so its limit is the prefix's shared
-    /// bucket (`PREFIX_BUCKETS`).
-    pub const PREFIX_LIMIT: u8 = 1 << 1;
+    /// bucket (`PREFIX_BUCKETS`). The same bit as in the cached policy, so one decoder reads both.
+    pub const PREFIX_LIMIT: u8 = crate::policy_flag::PREFIX_LIMIT;
+    /// Set by `aqd_xdp`: the source is throttled by a decision on its exact address (`EXACT_BUCKETS`).
+    pub const EXACT_LIMIT: u8 = crate::policy_flag::EXACT_LIMIT;
+    const _: () = assert!(STATELESS & (PREFIX_LIMIT | EXACT_LIMIT) == 0);
 }
 
 /// How the kernel fared with the ClientHello key on the first payload segment (`PayloadEvent::hello_status`).

@@ -20,7 +20,7 @@ pub use flow::{FlowState, HalfOpen, Scratch};
 pub use syn::SynSignature;
 
 /// Version of every map and event layout in this crate. Part of the pin path (`/sys/fs/bpf/aqd/v<N>`).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, exactly as the XDP program declares them and as they are pinned in bpffs.
 /// The kernel limits object names to 15 bytes.
@@ -58,9 +58,16 @@ pub mod map_names {
     /// Per-CPU work space of the verdict cache: admission window, the outcome being walked (never read by
     /// userspace).
     pub const CACHE_WORK: &str = "CACHE_WORK";
+    /// Limiter state of addresses throttled by an exact decision (key: the address), value [`crate::Bucket`].
+    /// Apart from `SOURCES` (an LRU every new source enters) and created only for a live throttle decision, so
+    /// a random-source flood cannot evict it and hand the throttled source a fresh burst.
+    pub const EXACT_BUCKETS: &str = "EXACT_BUCKETS";
+    /// The management networks (LPM trie, value [`crate::ListEntry`]): passed ahead of every other rule. Written
+    /// only from `protection.management` in the config, never by `allow`/`disallow`.
+    pub const MANAGEMENT: &str = "MANAGEMENT";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -83,6 +90,8 @@ pub mod map_names {
         POLICY_GEN,
         PREFIX_BUCKETS,
         CACHE_WORK,
+        EXACT_BUCKETS,
+        MANAGEMENT,
     ];
 }
 
@@ -112,6 +121,7 @@ pub const MAX_EXPIRED_PREFIX_STEPS: usize = 4;
 pub mod capacity {
     pub const ALLOW_EXACT: u32 = 131_072;
     pub const ALLOW_PREFIX: u32 = 65_536;
+    pub const MANAGEMENT: u32 = 1_024;
     pub const DENY_EXACT: u32 = 262_144;
     pub const DENY_PREFIX: u32 = 131_072;
     pub const DECISION_EXACT: u32 = 262_144;
@@ -120,6 +130,8 @@ pub mod capacity {
     pub const SOURCES: u32 = 524_288;
     /// One shared bucket per prefix decision at most.
     pub const PREFIX_BUCKETS: u32 = DECISION_PREFIX;
+    /// One bucket per exact decision at most (LRU: buckets of decisions gone since are evicted first).
+    pub const EXACT_BUCKETS: u32 = DECISION_EXACT;
     pub const RATE_CLASSES: u32 = 16;
     /// Reason texts (index = `Decision::reason` code; 0 means none).
     pub const REASONS: u32 = 4096;
@@ -250,10 +262,16 @@ pub enum Reason {
     /// A FIN or RST of a tracked flow whose sequence number the server would not accept (RFC 5961): passed,
     /// the flow kept.
     PassCloseIgnored = 18,
+    /// A TCP packet of no verified flow (not a SYN: a forged ACK, data, FIN or RST, or a flow the kernel lost)
+    /// from a source under a throttle decision: dropped rather than charged, so packets anyone can forge never
+    /// spend the decision's budget (a throttled /24's honest users share it).
+    DropUnverifiedThrottled = 19,
+    /// The source is in a management network (`MANAGEMENT`): passed ahead of every other rule.
+    PassManagement = 20,
 }
 
 /// Number of [`Reason`] values; the size of the per-reason counter array.
-pub const REASON_COUNT: usize = 19;
+pub const REASON_COUNT: usize = 21;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT] = [
@@ -276,6 +294,8 @@ impl Reason {
         Self::DropTcpFragment,
         Self::PassBadChecksum,
         Self::PassCloseIgnored,
+        Self::DropUnverifiedThrottled,
+        Self::PassManagement,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -288,7 +308,8 @@ impl Reason {
             | Self::PassMonitor
             | Self::PassThrottled
             | Self::PassBadChecksum
-            | Self::PassCloseIgnored => Verdict::Pass,
+            | Self::PassCloseIgnored
+            | Self::PassManagement => Verdict::Pass,
             Self::DropDenyExact
             | Self::DropDenyPrefix
             | Self::DropBlockExact
@@ -298,7 +319,8 @@ impl Reason {
             | Self::DropSynFingerprint
             | Self::DropHelloFingerprint
             | Self::DropFlowFingerprint
-            | Self::DropTcpFragment => Verdict::Drop,
+            | Self::DropTcpFragment
+            | Self::DropUnverifiedThrottled => Verdict::Drop,
         }
     }
 
@@ -332,6 +354,8 @@ impl Reason {
             Self::DropTcpFragment => "drop_tcp_fragment",
             Self::PassBadChecksum => "pass_bad_checksum",
             Self::PassCloseIgnored => "pass_close_ignored",
+            Self::DropUnverifiedThrottled => "drop_unverified_throttled",
+            Self::PassManagement => "pass_management",
         }
     }
 }
@@ -489,6 +513,8 @@ pub mod policy_flag {
     pub const FINAL: u8 = 1 << 1;
     /// The throttle came from a prefix decision: the limit is the prefix's shared bucket, not the source's.
     pub const PREFIX_LIMIT: u8 = 1 << 2;
+    /// The throttle came from a decision on the exact address: the limit is its bucket in `EXACT_BUCKETS`.
+    pub const EXACT_LIMIT: u8 = 1 << 3;
 }
 
 /// Per-CPU work space of the verdict cache (`CACHE_WORK`). `window_ns`/`admitted`: cache-only entries created

@@ -225,7 +225,11 @@ fn hello_key(ctx: &XdpContext, scratch: &mut Scratch) -> (u8, u64) {
     }
     let count = get(COUNT);
     parts.cipher_count = if count > 99 { 99 } else { count as u8 };
-    p = ciphers_end;
+    // Through scratch memory, so LLVM keeps `byte`'s index mask: it knows `ciphers_end` ≤ 557 from the
+    // cipher-length check and drops the mask, but that check came after the sum was formed, and 6.1's verifier
+    // does not carry a bound learnt on one register to another derived from it before (unbounded index).
+    put(CURSOR, ciphers_end);
+    p = get(CURSOR);
     // Compression methods.
     p += 1 + byte(s, p);
     put(COUNT, 0);

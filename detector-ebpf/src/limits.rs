@@ -1,12 +1,62 @@
 //! Decisions with expiry and per-source state with GCRA limits: shared by `aqd_xdp` and `aqd_tcp`.
 
-use aya_ebpf::maps::HashMap;
+use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::XdpContext;
-use detector_common::{AddrKey, Bucket, Decision, Reason, SourceState};
+use detector_common::{AddrKey, Bucket, Decision, Reason, SourceState, flow::scratch_flag, policy_flag};
 
 use crate::{
     clock::Clock,
-    maps::{PREFIX_BUCKETS, RATE_CLASSES, SOURCES},
+    maps::{EXACT_BUCKETS, PREFIX_BUCKETS, RATE_CLASSES, SOURCES},
+};
+
+/// Whose budget a source's packets spend.
+///
+/// A throttle decision's budget is kept apart from `SOURCES` (which every new source enters, so a flood of
+/// random sources evicts its entries) and is spent only by what the kernel can tell is the throttled party's:
+/// a SYN spends the connection budget alone (the packet budget too only when the class has no connection
+/// limit), packets of verified flows the packet budget, and `aqd_tcp` drops TCP packets of no verified flow
+/// (`DropUnverifiedThrottled`) instead of charging them. Forged packets inside a throttled /24 can then spend
+/// its connection budget — new connections of its honest users wait — but never the packet budget of their
+/// established connections. UDP cannot be verified and charges the packet budget as it comes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The source's own bucket in its `SOURCES` entry (rate class 0, a fingerprint's throttle).
+    Source,
+    /// A throttle decision on the exact address: its bucket in `EXACT_BUCKETS`.
+    Exact,
+    /// A throttle decision on the /24 or /64: the prefix's shared bucket in `PREFIX_BUCKETS`.
+    Prefix,
+}
+
+impl Budget {
+    /// From the budget bits of a cached policy outcome (`policy_flag`) or of `Scratch::flags` (`scratch_flag`
+    /// uses the same bits for them).
+    #[inline(always)]
+    pub fn of_flags(flags: u8) -> Self {
+        if flags & policy_flag::PREFIX_LIMIT != 0 {
+            Self::Prefix
+        } else if flags & policy_flag::EXACT_LIMIT != 0 {
+            Self::Exact
+        } else {
+            Self::Source
+        }
+    }
+
+    /// `scratch_flag` bits that hand this budget to `aqd_tcp`.
+    #[inline(always)]
+    pub fn scratch_flags(self) -> u8 {
+        match self {
+            Self::Source => 0,
+            Self::Exact => scratch_flag::EXACT_LIMIT,
+            Self::Prefix => scratch_flag::PREFIX_LIMIT,
+        }
+    }
+}
+
+/// A new decision bucket: TATs 0, a full burst.
+static NEW_BUCKET: Bucket = Bucket {
+    packet_tat_ns: 0,
+    conn_tat_ns: 0,
 };
 
 /// Map update flag: create only, never replace.
@@ -61,26 +111,17 @@ pub fn track_source(
     src: &AddrKey,
     class: u32,
     is_syn: bool,
-    prefix_limit: bool,
+    budget: Budget,
     clock: &mut Clock,
 ) -> Option<Reason> {
     // Cold path when the insert fails: the source passes unlimited this once.
     let state = source_entry(src, &NEW_SOURCE)?;
     // SAFETY: `state` points into map memory returned by a successful lookup.
-    limit_source(
-        ctx,
-        unsafe { &mut *state },
-        src,
-        class,
-        is_syn,
-        prefix_limit,
-        clock,
-    )
+    limit_source(ctx, unsafe { &mut *state }, src, class, is_syn, budget, clock)
 }
 
-/// Counts the packet in `state` and applies the rate class: to the source's own bucket, or with
-/// `prefix_limit` (a throttle decision on its /24 or /64) to the prefix's shared bucket, so that every address
-/// of a throttled prefix draws from one budget.
+/// Counts the packet in `state` and applies the rate class to `budget`: the source's own bucket, its exact
+/// decision's, or its prefix decision's shared one (every address of a throttled prefix draws from one budget).
 #[inline(always)]
 pub fn limit_source(
     ctx: &XdpContext,
@@ -88,7 +129,7 @@ pub fn limit_source(
     src: &AddrKey,
     class: u32,
     is_syn: bool,
-    prefix_limit: bool,
+    budget: Budget,
     clock: &mut Clock,
 ) -> Option<Reason> {
     state.packets += 1;
@@ -97,36 +138,47 @@ pub fn limit_source(
     if is_syn {
         state.conns += 1;
     }
-    let bucket = if prefix_limit {
-        prefix_bucket(src).unwrap_or(&raw mut state.bucket)
-    } else {
-        &raw mut state.bucket
+    // A decision bucket whose insert failed (cold path) falls back to the source's own.
+    let bucket = match budget {
+        Budget::Source => &raw mut state.bucket,
+        Budget::Exact => decision_bucket(&EXACT_BUCKETS, src).unwrap_or(&raw mut state.bucket),
+        Budget::Prefix => {
+            decision_bucket(&PREFIX_BUCKETS, &src.prefix_scope()).unwrap_or(&raw mut state.bucket)
+        }
     };
-    let verdict = rate_limit(bucket, class, is_syn, clock);
+    let verdict = rate_limit(bucket, class, is_syn, budget != Budget::Source, clock);
     if verdict.is_some() {
         state.rate_drops += 1;
     }
     verdict
 }
 
-/// The shared bucket of `src`'s /24 or /64, created when missing.
+/// A throttle decision's bucket under `key` (the address, or its /24 or /64), created when missing. Only
+/// called for a live throttle decision, so unknown sources never create one.
 #[inline(always)]
-fn prefix_bucket(src: &AddrKey) -> Option<*mut Bucket> {
-    let prefix = src.prefix_scope();
-    if let Some(bucket) = PREFIX_BUCKETS.get_ptr_mut(&prefix) {
+fn decision_bucket(map: &LruHashMap<AddrKey, Bucket>, key: &AddrKey) -> Option<*mut Bucket> {
+    if let Some(bucket) = map.get_ptr_mut(key) {
         return Some(bucket);
     }
     // BPF_NOEXIST: two CPUs creating it at once keep the first one's state.
-    let _ = PREFIX_BUCKETS.insert(&prefix, &Bucket::default(), NOEXIST);
-    PREFIX_BUCKETS.get_ptr_mut(&prefix)
+    let _ = map.insert(key, &NEW_BUCKET, NOEXIST);
+    map.get_ptr_mut(key)
 }
 
-/// The GCRA limits of `class` applied to a bucket (a source's own or a prefix's shared one).
+/// The GCRA limits of `class` applied to a bucket (a source's own or a decision's). On a decision's bucket
+/// a SYN is held to the connection limit only, when the class has one (see [`Budget`]).
 #[inline(always)]
-fn rate_limit(bucket: *mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) -> Option<Reason> {
+fn rate_limit(
+    bucket: *mut Bucket,
+    class: u32,
+    is_syn: bool,
+    decision: bool,
+    clock: &mut Clock,
+) -> Option<Reason> {
     let limits = RATE_CLASSES.get(class)?;
     let limit_conns = is_syn && limits.conn_interval_ns != 0;
-    if limits.packet_interval_ns == 0 && !limit_conns {
+    let limit_packets = limits.packet_interval_ns != 0 && !(decision && limit_conns);
+    if !limit_packets && !limit_conns {
         return None;
     }
     // The precise clock only when a limit applies: GCRA needs ns; nothing else on this path does.
@@ -135,13 +187,13 @@ fn rate_limit(bucket: *mut Bucket, class: u32, is_syn: bool, clock: &mut Clock) 
     let (packet_tat, conn_tat) =
         unsafe { (&raw mut (*bucket).packet_tat_ns, &raw mut (*bucket).conn_tat_ns) };
     // Both limits are checked before either is charged: a packet refused by one costs the other nothing.
-    if limits.packet_interval_ns != 0 && !conforms(packet_tat, now, limits.packet_tolerance_ns) {
+    if limit_packets && !conforms(packet_tat, now, limits.packet_tolerance_ns) {
         return Some(Reason::DropRatePackets);
     }
     if limit_conns && !conforms(conn_tat, now, limits.conn_tolerance_ns) {
         return Some(Reason::DropRateConnections);
     }
-    if limits.packet_interval_ns != 0 {
+    if limit_packets {
         charge(packet_tat, now, limits.packet_interval_ns);
     }
     if limit_conns {

@@ -3,6 +3,7 @@
 //! ```text
 //! parse (Ethernet, ≤2 VLAN tags, IPv4 / IPv6 + ext headers, TCP / UDP)
 //!   → the source's cached policy outcome (`SOURCES`, valid for the current `POLICY_GEN`), or the walk:
+//!       management networks                  → PASS (ahead of every rule, limit and fingerprint verdict)
 //!       allowlist (exact, prefix)            → PASS
 //!       denylist (exact, prefix)             → DROP
 //!       decision (exact, then /24 or /64)    → block: DROP · throttle: rate class · monitor: count
@@ -46,15 +47,15 @@ use aya_ebpf::{
 use detector_common::{
     ADMISSION_PER_WINDOW, ADMISSION_WINDOW_NS, Action, AddrKey, CONFIG_FLAG_PASS_TCP_FRAGMENTS, CacheWork,
     CachedPolicy, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP, Reason, SourceState, Verdict,
-    flow::scratch_flag, policy_flag,
+    policy_flag,
 };
 
 use account::account;
 use clock::Clock;
-use limits::{NOEXIST, limit_source, live_decision, source_entry};
+use limits::{Budget, NOEXIST, limit_source, live_decision, source_entry};
 use maps::{
     ALLOW_EXACT, ALLOW_PREFIX, CACHE_WORK, CONFIG, DECISION_EXACT, DECISION_PREFIX, DEFAULT_CONFIG,
-    DENY_EXACT, DENY_PREFIX, POLICY_GEN, PROGRAMS, PROTECTED_PORTS, SCRATCH, SOURCES,
+    DENY_EXACT, DENY_PREFIX, MANAGEMENT, POLICY_GEN, PROGRAMS, PROTECTED_PORTS, SCRATCH, SOURCES,
 };
 use parse::{Packet, ParseError};
 
@@ -116,7 +117,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
         return reason;
     }
     let rate_class = policy.rate_class as u32;
-    let prefix_limit = policy.flags & policy_flag::PREFIX_LIMIT != 0;
+    let budget = Budget::of_flags(policy.flags);
 
     // Limits apply only to the protected service ports, so SSH and health checks are never limited. A TCP/UDP
     // packet whose ports cannot be read (a non-first fragment, an over-long IPv6 extension chain) counts as
@@ -144,7 +145,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
             // SAFETY: as above.
             let _ = SOURCES.insert(src, unsafe { &(*work).new_source }, NOEXIST);
         }
-        hand_off_tcp(ctx, packet, reason, rate_class, prefix_limit);
+        hand_off_tcp(ctx, packet, reason, rate_class, budget);
         // Only reached when the tail call failed (the table entry is missing): limits still apply below.
     }
     let is_syn = packet.flow.proto == IPPROTO_TCP && packet.tcp_syn && !packet.tcp_ack;
@@ -156,7 +157,7 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
     // No entry only when the insert failed (cold path): the source passes unlimited this once.
     if let Some(s) = state
         // SAFETY: map memory from a successful lookup.
-        && let Some(drop) = limit_source(ctx, unsafe { &mut *s }, src, rate_class, is_syn, prefix_limit, clock)
+        && let Some(drop) = limit_source(ctx, unsafe { &mut *s }, src, rate_class, is_syn, budget, clock)
     {
         return drop;
     }
@@ -199,15 +200,19 @@ fn admit(window: &mut CacheWork, clock: &mut Clock) -> bool {
     true
 }
 
-/// The policy walk: allowlist, denylist (exact, then prefix), then the most specific live decision (the exact
-/// address, then its /24 or /64). The outcome, written to `out`, carries the expiry of the entry that decided
+/// The policy walk: management networks, allowlist, denylist (exact, then prefix), then the most specific live
+/// decision (the exact address, then its /24 or /64). The outcome, written to `out`, carries the expiry of the entry that decided
 /// it: map memory, whose values the verifier does not track, so the paths of the walk join again after it.
 #[inline(always)]
 fn walk_policy(src: &AddrKey, generation: u32, out: &mut CachedPolicy, clock: &mut Clock) {
     out.generation = generation;
     out.rate_class = 0;
     out._pad = 0;
-    let list_hit = if let Some(expires) = list_hit_exact(&ALLOW_EXACT, src, clock) {
+    // Management first: a final pass, so no deny entry, decision, limit or fingerprint verdict (the TCP
+    // programs are never reached) can cut the operator off.
+    let list_hit = if let Some(expires) = list_hit_prefix(&MANAGEMENT, src, clock) {
+        Some((Reason::PassManagement, expires))
+    } else if let Some(expires) = list_hit_exact(&ALLOW_EXACT, src, clock) {
         Some((Reason::PassAllowExact, expires))
     } else if let Some(expires) = list_hit_prefix(&ALLOW_PREFIX, src, clock) {
         Some((Reason::PassAllowPrefix, expires))
@@ -247,9 +252,11 @@ fn walk_policy(src: &AddrKey, generation: u32, out: &mut CachedPolicy, clock: &m
         Some(Action::Throttle) => {
             out.rate_class = decision.rate_class;
             out.reason = Reason::PassThrottled as u8;
-            if !exact {
-                out.flags |= policy_flag::PREFIX_LIMIT;
-            }
+            out.flags |= if exact {
+                policy_flag::EXACT_LIMIT
+            } else {
+                policy_flag::PREFIX_LIMIT
+            };
         }
         Some(Action::Monitor) => out.reason = Reason::PassMonitor as u8,
         None => {}
@@ -258,7 +265,7 @@ fn walk_policy(src: &AddrKey, generation: u32, out: &mut CachedPolicy, clock: &m
 
 /// Writes what `aqd_tcp` needs into the per-CPU scratch and tail-calls it; returns only if the call failed.
 #[inline(always)]
-fn hand_off_tcp(ctx: &XdpContext, packet: &Packet, pass_reason: Reason, rate_class: u32, prefix_limit: bool) {
+fn hand_off_tcp(ctx: &XdpContext, packet: &Packet, pass_reason: Reason, rate_class: u32, budget: Budget) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -270,11 +277,7 @@ fn hand_off_tcp(ctx: &XdpContext, packet: &Packet, pass_reason: Reason, rate_cla
         (*scratch).pass_reason = pass_reason as u8;
         (*scratch).rate_class = rate_class as u8;
         (*scratch).ip_version = packet.ip_version;
-        (*scratch).flags = if prefix_limit {
-            scratch_flag::PREFIX_LIMIT
-        } else {
-            0
-        };
+        (*scratch).flags = budget.scratch_flags();
         PROGRAMS.tail_call(ctx, PROG_INDEX_TCP);
     }
 }

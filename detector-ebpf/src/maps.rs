@@ -13,6 +13,9 @@ use detector_common::{
 pub static ALLOW_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::ALLOW_EXACT, 0);
 #[map(name = "ALLOW_PREFIX")]
 pub static ALLOW_PREFIX: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::ALLOW_PREFIX, 0);
+/// Management networks (exact addresses as /128): checked before everything else, written only from the config.
+#[map(name = "MANAGEMENT")]
+pub static MANAGEMENT: LpmTrie<AddrKey, ListEntry> = LpmTrie::with_max_entries(capacity::MANAGEMENT, 0);
 #[map(name = "DENY_EXACT")]
 pub static DENY_EXACT: HashMap<AddrKey, ListEntry> = HashMap::with_max_entries(capacity::DENY_EXACT, 0);
 #[map(name = "DENY_PREFIX")]
@@ -32,6 +35,10 @@ pub static POLICY_GEN: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "PREFIX_BUCKETS")]
 pub static PREFIX_BUCKETS: LruHashMap<AddrKey, Bucket> =
     LruHashMap::with_max_entries(capacity::PREFIX_BUCKETS, 0);
+/// Buckets of addresses throttled by an exact decision, keyed by the address (see `limits::Budget`).
+#[map(name = "EXACT_BUCKETS")]
+pub static EXACT_BUCKETS: LruHashMap<AddrKey, Bucket> =
+    LruHashMap::with_max_entries(capacity::EXACT_BUCKETS, 0);
 /// Per-CPU work space of the verdict cache (admission window, the outcome being walked).
 #[map(name = "CACHE_WORK")]
 pub static CACHE_WORK: PerCpuArray<CacheWork> = PerCpuArray::with_max_entries(1, 0);

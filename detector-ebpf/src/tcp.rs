@@ -8,7 +8,9 @@
 //!           class → source limits → checksum, sequence numbers → request tracking (bursts of new client
 //!           payload) → first client bytes to userspace (a segment at stream offset 0 goes through
 //!           `aqd_hello`, which keys the ClientHello) → an accepted FIN/RST: flow end
-//!         → no verified flow: source limits, a ClientHello verdict (stateless) — nothing recorded
+//!         → no verified flow: under a throttle decision DROP (`DropUnverifiedThrottled`: forged packets must not
+//!           spend the decision's budget); else source limits, a ClientHello verdict (stateless) — nothing
+//!           recorded
 //! ```
 //! The packet is counted here (one reason, as in `aqd_xdp`): a tail call does not return.
 
@@ -30,7 +32,7 @@ use crate::{
     capture::emit_payload,
     clock::Clock,
     csum::{Checksum, tcp_checksum},
-    limits::{LiveDecision, live_decision, track_source},
+    limits::{Budget, LiveDecision, live_decision, track_source},
     maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
     parse::read,
 };
@@ -74,10 +76,10 @@ fn handle(ctx: &XdpContext, scratch: &mut Scratch, config: &Config, clock: &mut 
     }
 }
 
-/// Whether `aqd_xdp` found the source throttled by a prefix decision (its limit is the prefix's shared bucket).
+/// Whose budget the source spends, as `aqd_xdp` found it: a throttle decision's (exact or prefix) or its own.
 #[inline(always)]
-fn prefix_limit(scratch: &Scratch) -> bool {
-    scratch.flags & scratch_flag::PREFIX_LIMIT != 0
+fn budget(scratch: &Scratch) -> Budget {
+    Budget::of_flags(scratch.flags)
 }
 
 /// The reason a passing packet counts under once a throttle applies (a monitor or default pass is upgraded).
@@ -124,7 +126,7 @@ fn syn(
         }
     }
     if reason.verdict() == Verdict::Pass
-        && let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, prefix_limit(scratch), clock)
+        && let Some(drop) = track_source(ctx, &scratch.flow.src, class, true, budget(scratch), clock)
     {
         reason = drop;
     }
@@ -391,7 +393,7 @@ fn established(
         }
         _ => {}
     }
-    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, prefix_limit(scratch), clock) {
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, budget(scratch), clock) {
         return drop;
     }
     track_flow(
@@ -484,7 +486,10 @@ fn complete_handshake(
 }
 
 /// A packet of no verified flow: the source's limits and a ClientHello verdict still apply (a blocked
-/// fingerprint is dropped whether or not its handshake was seen), but nothing is recorded.
+/// fingerprint is dropped whether or not its handshake was seen), but nothing is recorded. Under a throttle
+/// decision it is dropped instead: anyone can forge it, and charged it would let a spoofer inside a throttled
+/// /24 spend the budget its honest users share (see `limits::Budget`). The price: a connection whose flow the
+/// kernel lost (evicted, aged out while idle) stalls while its source is throttled.
 #[inline(always)]
 fn unverified(
     ctx: &XdpContext,
@@ -494,8 +499,12 @@ fn unverified(
     pass: Reason,
     clock: &mut Clock,
 ) -> Reason {
+    let budget = budget(scratch);
+    if budget != Budget::Source {
+        return Reason::DropUnverifiedThrottled;
+    }
     let class = scratch.rate_class as u32;
-    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, prefix_limit(scratch), clock) {
+    if let Some(drop) = track_source(ctx, &scratch.flow.src, class, false, budget, clock) {
         return drop;
     }
     count_flow(flow_counter::UNVERIFIED);

@@ -179,10 +179,20 @@ pub struct LoadOptions {
 /// Loads the program (not yet attached). With a pin directory, existing pinned maps are checked against the
 /// object's layout and reused; missing ones are created and pinned.
 pub fn load(options: &LoadOptions) -> Result<Ebpf, LoadError> {
+    load_resized(options, &[])
+}
+
+/// [`load`] with the capacities of some maps changed, as `(map name, max entries)`. For tests only (a small
+/// `SOURCES`, so that a flood fills it in thousands of packets rather than millions); a daemon never resizes,
+/// and the pinned-layout check would refuse maps of another size.
+pub fn load_resized(options: &LoadOptions, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
     check_kernel()?;
     let mut loader = EbpfLoader::new();
     let test_clock: u8 = options.test_clock.into();
     loader.override_global(TEST_CLOCK_GLOBAL, &test_clock, true);
+    for (name, size) in max_entries {
+        loader.map_max_entries(name, *size);
+    }
     let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
         Some(dir) => {
             prepare_pin_dir(dir)?;

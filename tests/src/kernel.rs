@@ -70,10 +70,19 @@ pub struct Outcome {
 impl KernelUnderTest {
     /// Loads the program with the test clock at `now_ns` (must be non-zero) and event sampling off.
     pub fn load(now_ns: u64) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load(&LoadOptions {
-            pin_dir: None,
-            test_clock: true,
-        })
+        Self::load_resized(now_ns, &[])
+    }
+
+    /// [`Self::load`] with the capacities of some maps changed (`(map name, max entries)`): e.g. a small
+    /// `SOURCES`, so that a flood of new sources evicts from it within a few thousand packets.
+    pub fn load_resized(now_ns: u64, max_entries: &[(&'static str, u32)]) -> anyhow::Result<Self> {
+        let mut ebpf = loader::load_resized(
+            &LoadOptions {
+                pin_dir: None,
+                test_clock: true,
+            },
+            max_entries,
+        )
         .context("loading the XDP program (tests need root)")?;
         let fp = FingerprintMaps {
             syn_verdicts: reopen(&ebpf, map_names::SYN_VERDICTS)?,

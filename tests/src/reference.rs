@@ -15,14 +15,17 @@
 //!   connection; from a complete 8-byte UDP header;
 //! - which packets the limits see: with ports, those to a protected port; without ports, TCP, UDP and packets
 //!   whose transport is unknown (see [`Transport::NoPorts`]) — so fragmenting is no way around the limits;
-//! - the rule order: allowlist (exact, prefix) → denylist (exact, prefix) → the most specific live decision
-//!   (exact address, then its /24 or /64) → rate limits;
+//! - the rule order: management networks → allowlist (exact, prefix) → denylist (exact, prefix) → the most
+//!   specific live decision (exact address, then its /24 or /64) → rate limits;
 //! - expiry: an entry with `expires_ns != 0 && expires_ns <= now` is ignored. Among the prefixes covering a
 //!   source, the longest wins; an expired one passes the question to the next shorter one, for at most
 //!   [`MAX_EXPIRED_PREFIX_STEPS`] prefixes in all;
 //! - the limiter: one GCRA state per source (shared by every rate class), a new source starting at "now", the
 //!   packet limit checked before the connection limit (SYN without ACK), and a packet dropped by the connection
-//!   limit not consuming a packet token;
+//!   limit not consuming a packet token. A throttle decision has a budget of its own instead: one per exact
+//!   address, one per /24 or /64 shared by the prefix. On it a SYN spends only the connection budget (the packet
+//!   budget too when the class has no connection limit), and in the TCP program a packet of no verified flow
+//!   is [`Reason::DropUnverifiedThrottled`] and spends nothing;
 //! - TCP fragments (IPv4 MF or offset, a non-atomic IPv6 fragment header) towards protected ports:
 //!   [`Reason::DropTcpFragment`] before the limits, unless `CONFIG_FLAG_PASS_TCP_FRAGMENTS`
 //!   ([`Reference::set_pass_tcp_fragments`]);
@@ -465,6 +468,8 @@ pub struct RefDecision {
 #[derive(Clone, Debug)]
 pub struct Reference {
     now: u64,
+    /// The management networks (never expire): passed ahead of every rule.
+    management: Vec<IpNet>,
     /// `(net, expires_ns)`; single addresses are /32 or /128 entries. One entry per net.
     allow: Vec<(IpNet, u64)>,
     deny: Vec<(IpNet, u64)>,
@@ -475,6 +480,8 @@ pub struct Reference {
     buckets: HashMap<IpAddr, Bucket>,
     /// Shared buckets of prefixes throttled at prefix scope, by /24 or /64.
     prefix_buckets: HashMap<IpNet, Bucket>,
+    /// Buckets of addresses throttled by an exact decision (`EXACT_BUCKETS`).
+    exact_buckets: HashMap<IpAddr, Bucket>,
     /// Verdicts by SYN signature key.
     syn_verdicts: HashMap<u64, RefDecision>,
     /// SYNs that passed, their handshake not complete (`HALF_OPEN`).
@@ -514,11 +521,20 @@ pub struct FlowRef {
     pub suspect: bool,
 }
 
-/// Whose bucket a limit charges: the source's own, or its prefix's (a throttle decision on the /24 or /64).
+/// Whose bucket a limit charges: the source's own, its exact throttle decision's, or its prefix's (a throttle
+/// decision on the /24 or /64).
 #[derive(Clone, Copy)]
 enum LimitKey {
     Source(IpAddr),
+    Exact(IpAddr),
     Prefix(IpNet),
+}
+
+impl LimitKey {
+    /// A throttle decision's budget (not the source's own).
+    fn is_decision(self) -> bool {
+        !matches!(self, LimitKey::Source(_))
+    }
 }
 
 fn live(expires_ns: u64, now: u64) -> bool {
@@ -529,6 +545,7 @@ impl Reference {
     pub fn new(now_ns: u64) -> Self {
         Self {
             now: now_ns,
+            management: Vec::new(),
             allow: Vec::new(),
             deny: Vec::new(),
             decisions: Vec::new(),
@@ -536,6 +553,7 @@ impl Reference {
             protected_ports: Vec::new(),
             buckets: HashMap::new(),
             prefix_buckets: HashMap::new(),
+            exact_buckets: HashMap::new(),
             syn_verdicts: HashMap::new(),
             half_open: HashMap::new(),
             flows: HashMap::new(),
@@ -550,6 +568,11 @@ impl Reference {
 
     pub fn now(&self) -> u64 {
         self.now
+    }
+
+    /// Replaces the management networks (what `KernelMaps::management_sync` does to the kernel).
+    pub fn management_sync(&mut self, nets: &[IpNet]) {
+        self.management = nets.iter().map(IpNet::trunc).collect();
     }
 
     fn list_mut(&mut self, list: ListKind) -> &mut Vec<(IpNet, u64)> {
@@ -707,6 +730,9 @@ impl Reference {
                 fragment,
             } => (src, transport, fragment),
         };
+        if self.management.iter().any(|&m| net_contains(m, src)) {
+            return Reason::PassManagement;
+        }
         match self.list_hit(ListKind::Allow, src) {
             Some(ListHit::Exact) => return Reason::PassAllowExact,
             Some(ListHit::Prefix) => return Reason::PassAllowPrefix,
@@ -737,9 +763,10 @@ impl Reference {
             Some((Some(Action::Monitor), _)) => (0, Reason::PassMonitor),
             Some((None, _)) | None => (0, Reason::PassDefault),
         };
-        // A throttle on the /24 or /64 is one budget for the whole prefix.
+        // A throttle on the /24 or /64 is one budget for the whole prefix; one on the address its own.
         let limit_key = match decision.map(|d| Action::from_u8(d.action)) {
             Some(Some(Action::Throttle)) if !exact => LimitKey::Prefix(scope),
+            Some(Some(Action::Throttle)) => LimitKey::Exact(src),
             _ => LimitKey::Source(src),
         };
 
@@ -844,7 +871,11 @@ impl Reference {
             );
         }
         let Some(mut f) = self.flows.get(&tcp.flow).copied() else {
-            // No verified flow: the limits, nothing recorded (a ClientHello verdict is not modelled).
+            // No verified flow: dropped under a throttle decision (nothing anyone can forge spends its
+            // budget); else the limits, nothing recorded (a ClientHello verdict is not modelled).
+            if src.is_decision() {
+                return Reason::DropUnverifiedThrottled;
+            }
             return self.limit(src, class, false).unwrap_or(pass);
         };
         match Action::from_u8(f.action) {
@@ -951,8 +982,9 @@ impl Reference {
     /// GCRA on the source's state; the drop reason when over a limit. The state moves only when the packet
     /// conforms to every limit that applies.
     fn rate_limit(&mut self, key: LimitKey, limits: RateClass, new_connection: bool) -> Option<Reason> {
-        let limit_packets = limits.packet_interval_ns != 0;
         let limit_conns = new_connection && limits.conn_interval_ns != 0;
+        // A decision's SYN answers to the connection limit alone when there is one.
+        let limit_packets = limits.packet_interval_ns != 0 && !(key.is_decision() && limit_conns);
         if !limit_packets && !limit_conns {
             return None;
         }
@@ -963,6 +995,7 @@ impl Reference {
         };
         let bucket = match key {
             LimitKey::Source(src) => self.buckets.entry(src).or_insert(fresh),
+            LimitKey::Exact(src) => self.exact_buckets.entry(src).or_insert(fresh),
             LimitKey::Prefix(net) => self.prefix_buckets.entry(net).or_insert(fresh),
         };
         let mut next = *bucket;
@@ -997,6 +1030,11 @@ impl Reference {
     /// The limiter state of `src`, if a limit ever applied to it.
     pub fn bucket(&self, src: IpAddr) -> Option<Bucket> {
         self.buckets.get(&src).copied()
+    }
+
+    /// The limiter state of `src` under an exact throttle decision, if one ever limited it.
+    pub fn exact_bucket(&self, src: IpAddr) -> Option<Bucket> {
+        self.exact_buckets.get(&src).copied()
     }
 
     /// The shared limiter state of `src`'s /24 or /64, if a prefix throttle ever limited it.
@@ -1037,6 +1075,12 @@ impl Reference {
         if let Some(b) = self.buckets.get(&src) {
             out.push(format!(
                 "  bucket: packet TAT {} conn TAT {}",
+                b.packet_tat_ns, b.conn_tat_ns
+            ));
+        }
+        if let Some(b) = self.exact_buckets.get(&src) {
+            out.push(format!(
+                "  exact decision bucket: packet TAT {} conn TAT {}",
                 b.packet_tat_ns, b.conn_tat_ns
             ));
         }

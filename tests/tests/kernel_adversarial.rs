@@ -1,20 +1,22 @@
 //! What a client (or a forger) can do to the kernel's view of a connection, through `BPF_PROG_TEST_RUN`:
 //! forged and out-of-window closes, bad-checksum decoys, ClientHellos that disagree, handshakes that were never
 //! completed, and a SYN flood. None of it may erase a tracked flow, hide its ClientHello from its verdict, or
-//! make the kernel record traffic of a source that never completed a handshake.
+//! make the kernel record traffic of a source that never completed a handshake. Nor may forged traffic refill
+//! a throttled source's budget (a random-source flood evicting its state) or spend the budget of a throttled
+//! prefix's honest users.
 //!
 //! Needs root (it loads the programs).
 
 use aqd_tests::{
     fp::{block_verdict, client_hello_record, hello_key_of_record},
     kernel::{KernelUnderTest, XDP_DROP, XDP_PASS},
-    packet::{Segment, tcp_flag},
+    packet::{Frame, Segment, tcp_flag},
 };
 use detector_common::{
-    CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, Reason,
-    flow::flow_flag, flow_counter,
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS, Config, Origin, Reason,
+    flow::flow_flag, flow_counter, map_names,
 };
-use detector_user::events::Event;
+use detector_user::{events::Event, maps::rate_class_limits};
 
 const SEC: u64 = 1_000_000_000;
 const T0: u64 = 1_000 * SEC;
@@ -271,4 +273,136 @@ fn a_bad_checksum_handshake_ack_completes_nothing() {
         .filter(|e| matches!(e, Event::Established(_)))
         .count();
     assert_eq!(established, 1);
+}
+
+/// A throttle decision (exact or prefix) on `net` with `class`.
+fn throttle(k: &mut KernelUnderTest, net: &str, class: u8) {
+    k.maps
+        .decision_insert(
+            net.parse().unwrap(),
+            Action::Throttle,
+            class,
+            0,
+            Origin::Cli,
+            None,
+        )
+        .unwrap();
+}
+
+/// How many of `n` copies of `frame` pass.
+fn passes(k: &mut KernelUnderTest, frame: &[u8], n: usize) -> usize {
+    (0..n)
+        .filter(|_| k.classify(frame).unwrap().action == XDP_PASS)
+        .count()
+}
+
+/// A random-source flood to a protected port makes a `SOURCES` entry (an LRU map) for every new source and so
+/// evicts a throttled source's entry. Its throttle decision's budget is kept apart (`EXACT_BUCKETS`, and
+/// `PREFIX_BUCKETS` for a /24), created only for a live decision, so the flood hands the throttled source no
+/// fresh burst. `SOURCES` is shrunk to 4,096 entries here so that a flood of 10× that runs in seconds (under
+/// emulation in `cargo xtask kernels` too); the test checks that the flood did evict the entry.
+#[test]
+fn a_random_source_flood_cannot_refill_a_throttled_sources_budget() {
+    const SOURCES_CAPACITY: u32 = 4_096;
+    const FLOOD: u32 = 10 * SOURCES_CAPACITY;
+    let mut k = KernelUnderTest::load_resized(T0, &[(map_names::SOURCES, SOURCES_CAPACITY)])
+        .expect("loading the XDP program (kernel tests need root)");
+    k.maps.set_protected_ports(&[PORT]).unwrap();
+    // 1 packet/s, burst 20; the test clock stands still, so nothing refills.
+    k.maps.set_rate_class(2, rate_class_limits(1, 20, 0, 0)).unwrap();
+    throttle(&mut k, "192.0.2.50/32", 2);
+    throttle(&mut k, "198.51.100.0/24", 2);
+    let exact = Frame::udp("192.0.2.50", "10.0.0.1", PORT).build();
+    let in_prefix = Frame::udp("198.51.100.7", "10.0.0.1", PORT).build();
+    for frame in [&exact, &in_prefix] {
+        assert_eq!(passes(&mut k, frame, 30), 20, "the burst, then drops");
+    }
+    // Spoofed sources from 100.64.0.0/10, each new: every one gets a SOURCES entry.
+    for i in 0..FLOOD {
+        let src = format!("100.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 0xff, i & 0xff);
+        let (action, _) = k
+            .run_repeat(&Frame::udp(&src, "10.0.0.1", PORT).build(), 1)
+            .unwrap();
+        assert_eq!(action, XDP_PASS, "{src}: an unknown source passes");
+    }
+    for src in ["192.0.2.50", "198.51.100.7"] {
+        assert!(
+            k.maps.bucket(src.parse().unwrap()).is_none(),
+            "the flood evicted {src}'s SOURCES entry (else this test shows nothing)"
+        );
+    }
+    for frame in [&exact, &in_prefix] {
+        let out = k.classify(frame).unwrap();
+        assert_eq!(
+            out.reason,
+            Reason::DropRatePackets,
+            "a fresh burst after the flood"
+        );
+    }
+    assert_eq!(passes(&mut k, &exact, 10) + passes(&mut k, &in_prefix, 10), 0);
+}
+
+/// Forged packets from addresses inside a throttled /24 — ACKs, data, FINs and RSTs of no verified flow, and
+/// SYNs — must not spend the packet budget the prefix's honest users share: the non-SYN ones are dropped and
+/// counted (`DropUnverifiedThrottled`), the SYNs spend only the connection budget. An honest client with a
+/// verified connection then gets exactly the packet budget the handshake left it.
+#[test]
+fn forged_packets_in_a_throttled_prefix_cannot_spend_its_honest_users_budget() {
+    const FORGED: u32 = 1_000;
+    let mut k = load();
+    // 1 packet/s burst 10; 1 connection/s burst 2. The test clock stands still.
+    k.maps.set_rate_class(3, rate_class_limits(1, 10, 1, 2)).unwrap();
+    throttle(&mut k, "203.0.113.0/24", 3);
+    let honest = Segment::syn("203.0.113.10", "10.0.0.1", PORT).with_src_port(41000);
+    // The SYN spends one connection token, the handshake's ACK one packet token.
+    assert_eq!(reason(&mut k, &honest), Reason::PassThrottled);
+    k.run_egress(&honest.syn_ack().build()).unwrap();
+    assert_eq!(reason(&mut k, &honest.handshake_ack()), Reason::PassThrottled);
+    assert!(k.flow(&honest.tuple()).is_some(), "handshake verified");
+
+    let before = k.counters().unwrap();
+    let mut syns_passed = 0;
+    for i in 0..FORGED {
+        // Forged sources all over the /24 (the honest address too), on ports of no verified flow.
+        let src = format!("203.0.113.{}", 1 + i % 254);
+        let forged = Segment::syn(&src, "10.0.0.1", PORT).with_src_port(20000 + (i % 20000) as u16);
+        let non_syn = match i % 4 {
+            0 => forged.handshake_ack(),
+            1 => forged.data(0, b"GET / HTTP/1.1\r\n\r\n"),
+            2 => forged.data(0, b"").with_flags(tcp_flag::FIN | tcp_flag::ACK),
+            _ => forged.data(0, b"").with_flags(tcp_flag::RST),
+        };
+        assert_eq!(
+            reason(&mut k, &non_syn),
+            Reason::DropUnverifiedThrottled,
+            "{src}: a packet of no verified flow"
+        );
+        match reason(&mut k, &forged) {
+            Reason::PassThrottled => syns_passed += 1,
+            Reason::DropRateConnections => {}
+            other => panic!("{src}: a forged SYN got {other:?}: only the connection limit may apply"),
+        }
+    }
+    // The one connection token the honest SYN left.
+    assert_eq!(syns_passed, 1);
+    let after = k.counters().unwrap();
+    let moved = |r: Reason| after.by_reason[r as usize] - before.by_reason[r as usize];
+    assert_eq!(moved(Reason::DropUnverifiedThrottled), FORGED as u64);
+    assert_eq!(moved(Reason::DropRatePackets), 0);
+
+    // The honest client's packet budget is untouched: 9 tokens after its handshake's ACK.
+    let mut offset = 0u32;
+    let mut sent = |k: &mut KernelUnderTest| {
+        let segment = honest.data(offset, b"GET / HTTP/1.1\r\n\r\n");
+        offset += 18;
+        reason(k, &segment)
+    };
+    for n in 0..9 {
+        assert_eq!(
+            sent(&mut k),
+            Reason::PassThrottled,
+            "request {n} of the honest client"
+        );
+    }
+    assert_eq!(sent(&mut k), Reason::DropRatePackets, "then the budget is spent");
 }

@@ -294,10 +294,17 @@ fn run(seed: u64, packets: u64) -> anyhow::Result<()> {
             let model = effective(both.model.bucket(src), now);
             let kernel_prefix = effective(both.kernel.maps.prefix_bucket(src), now);
             let model_prefix = effective(both.model.prefix_bucket(src), now);
+            let kernel_exact = effective(both.kernel.maps.exact_bucket(src), now);
+            let model_exact = effective(both.model.exact_bucket(src), now);
             if kernel != model {
                 problem = Some(format!(
                     "both say {expected:?}, but the limiter state of {src} differs: kernel {kernel:?}, \
                      reference {model:?} (effective TATs: packet, connection)"
+                ));
+            } else if kernel_exact != model_exact {
+                problem = Some(format!(
+                    "both say {expected:?}, but the exact throttle decision's limiter state of {src} differs: \
+                     kernel {kernel_exact:?}, reference {model_exact:?} (effective TATs: packet, connection)"
                 ));
             } else if kernel_prefix != model_prefix {
                 problem = Some(format!(
@@ -425,6 +432,12 @@ impl Both {
     fn list_put(&mut self, list: ListKind, net: IpNet, expires_ns: u64) -> anyhow::Result<()> {
         self.kernel.maps.list_put(user_list(list), net, expires_ns)?;
         self.model.list_put(list, net, expires_ns);
+        Ok(())
+    }
+
+    fn management_sync(&mut self, nets: &[IpNet]) -> anyhow::Result<()> {
+        self.kernel.maps.management_sync(nets)?;
+        self.model.management_sync(nets);
         Ok(())
     }
 
@@ -635,7 +648,7 @@ fn churn(both: &mut Both, rng: &mut SmallRng, pool: &Pool, now: u64, horizon_us:
             ListKind::Deny
         };
         let addr = pool.member(rng);
-        match rng.gen_range(0..9) {
+        match rng.gen_range(0..10) {
             0 => both.list_put(list, IpNet::from(addr), random_expiry(rng, now, horizon_us))?,
             1 => both.list_put(
                 list,
@@ -648,6 +661,12 @@ fn churn(both: &mut Both, rng: &mut SmallRng, pool: &Pool, now: u64, horizon_us:
             5 => both.decision_put(decision_scope(addr), random_decision(rng, now, horizon_us))?,
             6 => both.decision_remove(IpNet::from(addr))?,
             7 => both.decision_remove(decision_scope(addr))?,
+            // Management networks come and go (a config reload): none, or one address or prefix.
+            8 => match rng.gen_range(0..3) {
+                0 => both.management_sync(&[])?,
+                1 => both.management_sync(&[IpNet::from(addr)])?,
+                _ => both.management_sync(&[random_prefix(rng, addr)])?,
+            },
             _ => {
                 let class = rng.gen_range(0..4);
                 both.set_rate_class(class, random_rate_class(rng, class))?;

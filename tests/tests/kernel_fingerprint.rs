@@ -630,6 +630,89 @@ fn syn_signature_matches_userspace_for_the_captures_syns() {
 // SYN verdicts
 // ---------------------------------------------------------------------------------------------------------------
 
+/// A management source passes ahead of every rule: deny entries, decisions and fingerprint verdicts keyed by
+/// its own client's SYN never apply to it (the TCP programs are not reached), while they still apply to
+/// everyone else; the IPv4 management network also covers the IPv4-mapped spelling.
+#[test]
+fn management_sources_pass_ahead_of_every_rule_and_verdict() {
+    let mut k = load();
+    for v6 in [false, true] {
+        let syn = base_syn(v6).with_options(&linux_options());
+        let other = Segment {
+            src: if v6 { "2001:db9::7" } else { "198.51.100.7" }.parse().unwrap(),
+            ..syn.clone()
+        };
+        let management = ipnet::IpNet::new(syn.src, if v6 { 64 } else { 24 })
+            .unwrap()
+            .trunc();
+        k.set_syn_verdict(syn_key_of(&syn), block_verdict()).unwrap();
+        expect(&mut k, &syn.build(), Reason::DropSynFingerprint, "SYN verdict");
+        k.maps
+            .list_put(detector_user::maps::List::Deny, syn.src.into(), 0)
+            .unwrap();
+        k.maps
+            .list_put(detector_user::maps::List::Deny, other.src.into(), 0)
+            .unwrap();
+        expect(&mut k, &syn.build(), Reason::DropDenyExact, "denied");
+        k.maps.management_sync(&[management]).unwrap();
+        assert_eq!(k.maps.management_entries().unwrap(), [management]);
+        expect(
+            &mut k,
+            &syn.build(),
+            Reason::PassManagement,
+            "management over deny and verdict",
+        );
+        expect(
+            &mut k,
+            &other.build(),
+            Reason::DropDenyExact,
+            "others are still denied",
+        );
+        k.maps
+            .list_remove(detector_user::maps::List::Deny, syn.src.into())
+            .unwrap();
+        k.maps
+            .decision_insert(
+                syn.src.into(),
+                Action::Block,
+                0,
+                0,
+                detector_common::Origin::Cli,
+                None,
+            )
+            .unwrap();
+        expect(
+            &mut k,
+            &syn.build(),
+            Reason::PassManagement,
+            "management over a block decision",
+        );
+        k.maps.management_sync(&[]).unwrap();
+        assert!(k.maps.management_entries().unwrap().is_empty());
+        expect(
+            &mut k,
+            &syn.build(),
+            Reason::DropBlockExact,
+            "management removed: the block applies",
+        );
+        k.maps.decision_remove(syn.src.into()).unwrap();
+        k.maps
+            .list_remove(detector_user::maps::List::Deny, other.src.into())
+            .unwrap();
+    }
+    // `::ffff:192.0.2.0/120` and `192.0.2.0/24` are one kernel entry.
+    let syn = base_syn(false).with_options(&linux_options());
+    k.maps
+        .management_sync(&["::ffff:192.0.2.0/120".parse().unwrap()])
+        .unwrap();
+    expect(
+        &mut k,
+        &syn.build(),
+        Reason::PassManagement,
+        "IPv4-mapped management network",
+    );
+}
+
 #[test]
 fn blocked_syn_signature_drops_the_syn_and_reports_it() {
     let mut k = load();
