@@ -143,10 +143,13 @@ struct RawDaemon {
     socket: Option<PathBuf>,
     socket_group: Option<Spanned<String>>,
     audit_log: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     metrics_address: Option<Spanned<String>>,
     stats_interval: Option<Spanned<String>>,
     #[serde(default)]
     dry_run: bool,
+    control_max_connections: Option<Spanned<i64>>,
+    metrics_max_connections: Option<Spanned<i64>>,
 }
 
 /// A duration given as whole seconds (`3600`) or as text (`"1h"`).
@@ -225,6 +228,9 @@ pub struct RateClassConfig {
     pub limits: RateLimits,
 }
 
+/// The largest connection cap a config may set (each connection costs a descriptor and a task).
+const MAX_CONNECTIONS_CAP: usize = 65_536;
+
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Config {
@@ -235,8 +241,14 @@ pub struct Config {
     /// Group allowed to use the control socket (besides root); None = root only.
     pub socket_group: Option<String>,
     pub audit_log: PathBuf,
+    /// Durable state (the state store and the single-instance lock).
+    pub state_dir: PathBuf,
     pub metrics_address: Option<SocketAddr>,
     pub stats_interval: Duration,
+    /// `[daemon] control_max_connections` (default 64): concurrent control-socket connections (see `serve`).
+    pub control_max_connections: usize,
+    /// `[daemon] metrics_max_connections` (default 32): concurrent metrics connections.
+    pub metrics_max_connections: usize,
     /// Compute and show decisions, enforce none (model decisions only; manual ones are always enforced).
     pub dry_run: bool,
     pub protected_ports: Vec<u16>,
@@ -300,6 +312,23 @@ impl Lines<'_> {
 }
 
 impl Config {
+    /// The entries of `allow_files` and `deny_files`, read now, as (allowlist?, network). A deny entry that
+    /// touches a management network is refused (the lockout guard), naming the file and line; as is any bad line.
+    pub fn list_file_entries(&self) -> Result<Vec<(bool, IpNet)>, String> {
+        let guard = crate::lockout::Guard::new(self.management.iter().copied());
+        let mut entries = Vec::new();
+        for (files, allow) in [(&self.allow_files, true), (&self.deny_files, false)] {
+            for file in files {
+                let nets = crate::listfile::load_numbered(file)?;
+                if !allow {
+                    crate::listfile::check_deny(file, &nets, &guard)?;
+                }
+                entries.extend(nets.into_iter().map(|(_, net)| (allow, net)));
+            }
+        }
+        Ok(entries)
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -344,6 +373,30 @@ impl Config {
                 )
             })?),
         };
+        let cap = |v: &Option<Spanned<i64>>, field: &str, default: usize| match v {
+            None => Ok(default),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(c) if (1..=MAX_CONNECTIONS_CAP).contains(&c) => Ok(c),
+                _ => Err(lines.invalid(
+                    n.span(),
+                    field,
+                    format!(
+                        "{} is out of range: 1 to {MAX_CONNECTIONS_CAP} connections",
+                        n.get_ref()
+                    ),
+                )),
+            },
+        };
+        let control_max_connections = cap(
+            &raw.daemon.control_max_connections,
+            "daemon.control_max_connections",
+            64,
+        )?;
+        let metrics_max_connections = cap(
+            &raw.daemon.metrics_max_connections,
+            "daemon.metrics_max_connections",
+            32,
+        )?;
         let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
             None => Ok(default),
             Some(s) => parse_duration(s.get_ref()).map_err(|m| lines.invalid(s.span(), field, m)),
@@ -510,6 +563,13 @@ impl Config {
 
         let allow = cidrs(&raw.lists.allow, "lists.allow")?;
         let deny = cidrs(&raw.lists.deny, "lists.deny")?;
+        // The lockout guard: a deny entry touching a management network is a config error (never forced).
+        let guard = crate::lockout::Guard::new(management.iter().copied());
+        for (item, net) in raw.lists.deny.iter().zip(&deny) {
+            guard
+                .check_management(crate::lockout::Verb::Deny, *net)
+                .map_err(|e| lines.invalid(item.span(), "lists.deny", e))?;
+        }
         let files = |v: &[Spanned<PathBuf>]| v.iter().map(|p| p.get_ref().clone()).collect::<Vec<_>>();
 
         let fpc = &raw.fingerprints;
@@ -627,8 +687,14 @@ impl Config {
                 .daemon
                 .audit_log
                 .unwrap_or_else(|| PathBuf::from(paths::DEFAULT_AUDIT_LOG)),
+            state_dir: raw
+                .daemon
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(paths::DEFAULT_STATE_DIR)),
             metrics_address,
             stats_interval,
+            control_max_connections,
+            metrics_max_connections,
             dry_run: raw.daemon.dry_run,
             protected_ports,
             management,
@@ -748,6 +814,22 @@ mod tests {
     }
 
     #[test]
+    fn deny_entries_covering_management_are_refused_with_their_line() {
+        for entry in ["::/8", "198.19.0.0/16", "::ffff:198.19.11.1", "0.0.0.0/0"] {
+            let e = err(&format!(
+                "[protection]\nmanagement = [\"198.19.11.0/24\"]\n[lists]\ndeny = [\"10.0.0.0/8\",\n  \"{entry}\"]\n"
+            ));
+            assert!(
+                e.starts_with("/etc/aqd/aqd.toml:5: lists.deny: refusing to deny"),
+                "{entry}: {e}"
+            );
+            assert!(e.contains("management network 198.19.11.0/24"), "{entry}: {e}");
+        }
+        let ok = "[protection]\nmanagement = [\"198.19.11.0/24\"]\n[lists]\ndeny = [\"198.19.12.0/24\", \"::ffff:198.19.12.0/120\"]\n";
+        Config::from_toml(ok, Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let e = err("[daemon]\ninterfacez = [\"eth0\"]\n");
         assert!(e.contains("interfacez") && e.contains("line 2"), "{e}");
@@ -765,6 +847,8 @@ mod tests {
         assert!(err("[protection]\nports = [0]\n").contains("protection.ports"));
         assert!(err("[decisions]\nttl_jitter = 0.9\n").contains("decisions.ttl_jitter"));
         assert!(err("[daemon]\nmetrics_address = \"localhost\"\n").contains("daemon.metrics_address"));
+        assert!(err("[daemon]\ncontrol_max_connections = 0\n").contains("daemon.control_max_connections"));
+        assert!(err("[daemon]\nmetrics_max_connections = -3\n").contains("daemon.metrics_max_connections"));
         assert!(err("[rate_classes.slow]\nid = 99\n").contains("rate_classes.slow"));
         assert!(err("[rate_classes.slow]\nid = 0\n").contains("only it"));
     }

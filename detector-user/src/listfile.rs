@@ -5,7 +5,7 @@ use std::path::Path;
 
 use ipnet::IpNet;
 
-use crate::config::parse_cidr;
+use crate::{config::parse_cidr, lockout::Guard};
 
 /// One rejected line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,11 @@ pub struct LineError {
 
 /// Every network in `text`, or every bad line (all of them, so one pass fixes the file).
 pub fn parse(text: &str) -> Result<Vec<IpNet>, Vec<LineError>> {
+    parse_numbered(text).map(|nets| nets.into_iter().map(|(_, net)| net).collect())
+}
+
+/// [`parse`], with the line (from 1) each network is on.
+pub fn parse_numbered(text: &str) -> Result<Vec<(usize, IpNet)>, Vec<LineError>> {
     let mut nets = Vec::new();
     let mut errors = Vec::new();
     for (index, raw) in text.lines().enumerate() {
@@ -29,7 +34,7 @@ pub fn parse(text: &str) -> Result<Vec<IpNet>, Vec<LineError>> {
             None => line.split_whitespace().next().unwrap_or(""),
         };
         match parse_cidr(item) {
-            Ok(net) => nets.push(net),
+            Ok(net) => nets.push((index + 1, net)),
             Err(message) => errors.push(LineError {
                 line: index + 1,
                 message,
@@ -41,8 +46,13 @@ pub fn parse(text: &str) -> Result<Vec<IpNet>, Vec<LineError>> {
 
 /// Reads and parses a list file; errors name the file and line.
 pub fn load(path: &Path) -> Result<Vec<IpNet>, String> {
+    load_numbered(path).map(|nets| nets.into_iter().map(|(_, net)| net).collect())
+}
+
+/// [`load`], with the line each network is on.
+pub fn load_numbered(path: &Path) -> Result<Vec<(usize, IpNet)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&text).map_err(|errors| {
+    parse_numbered(&text).map_err(|errors| {
         let shown: Vec<String> = errors
             .iter()
             .take(10)
@@ -56,6 +66,24 @@ pub fn load(path: &Path) -> Result<Vec<IpNet>, String> {
         };
         format!("{}{tail}", shown.join("\n"))
     })
+}
+
+/// Refuses a deny file with any entry touching a management network (the lockout guard; no force for
+/// files): the error names the file and line of each such entry.
+pub fn check_deny(path: &Path, nets: &[(usize, IpNet)], guard: &Guard) -> Result<(), String> {
+    let refused: Vec<String> = nets
+        .iter()
+        .filter_map(|(line, net)| {
+            let e = guard.check_management(crate::lockout::Verb::Deny, *net).err()?;
+            Some(format!("{}:{line}: {e}", path.display()))
+        })
+        .take(10)
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("\n"))
+    }
 }
 
 #[cfg(test)]
@@ -77,6 +105,24 @@ mod tests {
                 "203.0.113.0/25"
             ]
         );
+    }
+
+    #[test]
+    fn deny_files_may_not_touch_management() {
+        let guard = Guard::new(["198.19.11.0/24".parse().unwrap()]);
+        let nets = parse_numbered("# bogons\n10.0.0.0/8\n\n::/8\n198.19.11.9\n").unwrap();
+        let e = check_deny(Path::new("/etc/aqd/deny.netset"), &nets, &guard).unwrap_err();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0].starts_with("/etc/aqd/deny.netset:4: refusing to deny ::/8"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("/etc/aqd/deny.netset:5: refusing to deny 198.19.11.9/32"),
+            "{e}"
+        );
+        assert!(check_deny(Path::new("f"), &nets[..1], &guard).is_ok());
     }
 
     #[test]

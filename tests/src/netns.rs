@@ -539,6 +539,11 @@ impl Lab {
         self.dir.join("aqd.sock")
     }
 
+    /// The durable state directory (state store and single-instance lock; `AQD_STATE_DIR` of every command).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// The audit log (JSON lines) the daemon and the CLI append decision changes to (set in [`Self::config`]).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.jsonl")
@@ -559,6 +564,7 @@ impl Lab {
         // aqd derives a socket under /run/aqd from the pin root instead of using the config's.
         cmd.env("AQD_CONFIG", self.config())
             .env("AQD_SOCKET", self.socket())
+            .env("AQD_STATE_DIR", self.state_dir())
             .arg("--pin-root")
             .arg(self.pin_root());
         cmd
