@@ -1,13 +1,16 @@
 //! Prometheus endpoint (`GET /metrics`, OpenMetrics text via prometheus-client).
 //!
 //! The numbers live in the kernel maps, so each scrape builds a fresh registry from one snapshot instead of
-//! keeping counters in step. The HTTP side is a minimal responder for one route: a web framework would be most
-//! of the daemon's dependency tree for a single GET.
+//! keeping counters in step. Only the daemon's in-memory figures are read under its state lock; the kernel maps
+//! are walked on the endpoint's own handles without it, so a scrape never stalls event draining. Connections
+//! go through `serve` (cap `daemon.metrics_max_connections`, deadlines, an accept loop that never ends).
+//! The HTTP side is a minimal responder for one route: a web framework would be most of the daemon's
+//! dependency tree for a single GET.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use detector_common::{Reason, event::EventKind};
@@ -21,7 +24,12 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::daemon::DaemonState;
+use crate::{
+    aging::{FlowFigures, FlowTables},
+    daemon::DaemonState,
+    maps::KernelMaps,
+    serve::{self, Limiter, ServeStats, Slot},
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -32,11 +40,46 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// Renders the current state as OpenMetrics text.
-pub fn render(state: &DaemonState) -> Result<String, String> {
-    let maps = &state.enforcer.maps;
-    let counters = maps.counters().map_err(|e| e.to_string())?;
+/// The metrics server's own handles on the kernel maps, so a scrape walks them without the daemon's state lock
+/// (event draining and the control socket go on meanwhile).
+pub struct KernelView {
+    pub maps: KernelMaps,
+    pub flow_tables: FlowTables,
+}
+
+/// Renders the current state as OpenMetrics text: the daemon's in-memory figures are registered under the state
+/// lock (no syscalls: quick), then the kernel maps are read and walked with `kernel`'s handles, lock released.
+pub fn render(state: &Mutex<DaemonState>, kernel: &KernelView) -> Result<String, String> {
     let mut registry = Registry::with_prefix("aqd");
+    let (events, baseline, aging) = {
+        let started = Instant::now();
+        let state = serve::lock(state);
+        let reloads = Family::<Labels, Counter>::default();
+        reloads
+            .get_or_create(&labels(&[("result", "ok")]))
+            .inc_by(state.reloads.ok.load(Ordering::Relaxed));
+        reloads
+            .get_or_create(&labels(&[("result", "failed")]))
+            .inc_by(state.reloads.failed.load(Ordering::Relaxed));
+        registry.register("config_reloads", "Config reloads by result", reloads);
+        render_fingerprints(&state, &mut registry);
+        render_model(&state, &mut registry);
+        render_servers(&state.servers, &mut registry);
+        let taken = (
+            Arc::clone(&state.events),
+            state.flow_baseline,
+            Arc::clone(&state.aging),
+        );
+        drop(state);
+        tracing::debug!(
+            held_us = started.elapsed().as_micros() as u64,
+            "metrics: in-memory figures taken under the state lock"
+        );
+        taken
+    };
+    let walk_started = Instant::now();
+    let maps = &kernel.maps;
+    let counters = maps.counters().map_err(|e| e.to_string())?;
 
     let packets = Family::<Labels, Counter>::default();
     for reason in Reason::ALL {
@@ -73,7 +116,7 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
             .inc_by(counters.events_lost[kind as usize]);
         events_read
             .get_or_create(&l)
-            .inc_by(state.events.read[kind as usize].load(Ordering::Relaxed));
+            .inc_by(events.read[kind as usize].load(Ordering::Relaxed));
     }
     registry.register(
         "ringbuf_events_sent",
@@ -105,7 +148,8 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
     registry.register("map_capacity", "Capacity of each kernel map", map_capacity);
 
     // The connection tables: entries now, and what left them by which way (evictions derived, see `aging`).
-    let figures = state.flow_figures(&counters).map_err(|e| e.to_string())?;
+    let entries = kernel.flow_tables.entries().map_err(|e| e.to_string())?;
+    let figures = FlowFigures::derive(&baseline, &counters, &aging, entries);
     let table_entries = Family::<Labels, Gauge>::default();
     table_entries
         .get_or_create(&labels(&[("table", "flows")]))
@@ -159,59 +203,87 @@ pub fn render(state: &DaemonState) -> Result<String, String> {
     }
     registry.register("decisions", "Live decisions by action and origin", decisions);
 
-    let reloads = Family::<Labels, Counter>::default();
-    reloads
-        .get_or_create(&labels(&[("result", "ok")]))
-        .inc_by(state.reloads.ok.load(Ordering::Relaxed));
-    reloads
-        .get_or_create(&labels(&[("result", "failed")]))
-        .inc_by(state.reloads.failed.load(Ordering::Relaxed));
-    registry.register("config_reloads", "Config reloads by result", reloads);
-
-    render_fingerprints(state, &mut registry);
-    render_model(state, &mut registry);
-
+    tracing::debug!(
+        walked_us = walk_started.elapsed().as_micros() as u64,
+        "metrics: kernel maps read without the state lock"
+    );
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
-/// Serves `GET /metrics` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<Mutex<DaemonState>>) -> std::io::Result<()> {
-    loop {
-        let (mut stream, _) = listener.accept().await?;
+/// A scraper that sends no request line for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A scraper that does not take the answer for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` until the task is dropped; never ends on its own (accept errors are retried,
+/// connections over the cap closed: see `serve`).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<Mutex<DaemonState>>,
+    kernel: KernelView,
+    limiter: Arc<Limiter>,
+    stats: Arc<ServeStats>,
+) {
+    let per_connection = Arc::clone(&stats);
+    // One scrape walks the maps at a time; scrapes never wait on the state lock for that.
+    let kernel = Arc::new(Mutex::new(kernel));
+    serve::accept_loop("metrics", listener, limiter, stats, move |stream, slot| {
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let mut head = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request_line = String::from_utf8_lossy(&head[..n]);
-            let (status, content_type, body) = if request_line.starts_with("GET /metrics ") {
-                let rendered = tokio::task::spawn_blocking(move || {
-                    render(&state.lock().unwrap_or_else(|p| p.into_inner()))
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-                match rendered {
-                    Ok(body) => (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        body,
-                    ),
-                    Err(e) => ("500 Internal Server Error", "text/plain", e),
+        let kernel = Arc::clone(&kernel);
+        let stats = Arc::clone(&per_connection);
+        async move {
+            if let Err(e) = serve_one(stream, state, kernel, &slot).await {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    stats.timed_out.fetch_add(1, Ordering::Relaxed);
                 }
-            } else {
-                ("404 Not Found", "text/plain", "try GET /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        }
+    })
+    .await
+}
+
+async fn serve_one(
+    mut stream: tokio::net::TcpStream,
+    state: Arc<Mutex<DaemonState>>,
+    kernel: Arc<Mutex<KernelView>>,
+    slot: &Slot,
+) -> std::io::Result<()> {
+    let mut head = vec![0u8; 4096];
+    let n = tokio::select! {
+        n = serve::within("reading the request", READ_TIMEOUT, stream.read(&mut head)) => n?,
+        // At the connection cap, a client that has not sent its request yet makes room for a newer one.
+        () = slot.evicted() => return Ok(()),
+    };
+    slot.busy();
+    let request_line = String::from_utf8_lossy(&head[..n]);
+    let (status, content_type, body) = if request_line.starts_with("GET /metrics ") {
+        let rendered = tokio::task::spawn_blocking(move || render(&state, &serve::lock(&kernel)))
+            .await
+            .unwrap_or_else(|e| Err(format!("rendering the metrics failed: {e}")));
+        match rendered {
+            Ok(body) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            ),
+            Err(e) => ("500 Internal Server Error", "text/plain", e),
+        }
+    } else {
+        ("404 Not Found", "text/plain", "try GET /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    serve::within(
+        "writing the reply",
+        WRITE_TIMEOUT,
+        stream.write_all(response.as_bytes()),
+    )
+    .await
 }
 
 /// The fingerprint pipeline's numbers.
@@ -406,5 +478,56 @@ fn render_model(state: &DaemonState, registry: &mut Registry) {
         "model_max_source_score",
         "Highest source score (probability, 0–1)",
         top_score,
+    );
+}
+
+/// The control and metrics servers: connections by outcome, accept errors, slots in use and the caps.
+fn render_servers(servers: &crate::daemon::Servers, registry: &mut Registry) {
+    let connections = Family::<Labels, Counter>::default();
+    let accept_errors = Family::<Labels, Counter>::default();
+    let active = Family::<Labels, Gauge>::default();
+    let cap = Family::<Labels, Gauge>::default();
+    for (server, (limiter, stats)) in [("control", &servers.control), ("metrics", &servers.metrics)] {
+        for (outcome, counter) in [
+            ("accepted", &stats.accepted),
+            ("rejected_over_cap", &stats.rejected),
+            ("evicted_idle", &stats.evicted),
+            ("timed_out", &stats.timed_out),
+            ("handler_panicked", &stats.panicked),
+        ] {
+            connections
+                .get_or_create(&labels(&[("server", server), ("outcome", outcome)]))
+                .inc_by(counter.load(Ordering::Relaxed));
+        }
+        accept_errors
+            .get_or_create(&labels(&[("server", server)]))
+            .inc_by(stats.accept_errors.load(Ordering::Relaxed));
+        active
+            .get_or_create(&labels(&[("server", server)]))
+            .set(limiter.active() as i64);
+        cap.get_or_create(&labels(&[("server", server)]))
+            .set(limiter.cap() as i64);
+    }
+    registry.register(
+        "server_connections",
+        "Connections to the control socket and the metrics endpoint: accepted, and of those closed at once over \
+         the cap (rejected_over_cap), closed to make room while idle (evicted_idle), dropped at a read or write \
+         deadline (timed_out), whose handler panicked (answered with an error)",
+        connections,
+    );
+    registry.register(
+        "server_accept_errors",
+        "Failed accept() calls (EMFILE, ENFILE, ...), each retried",
+        accept_errors,
+    );
+    registry.register(
+        "server_connections_active",
+        "Connections holding a slot now",
+        active,
+    );
+    registry.register(
+        "server_connections_cap",
+        "The cap on concurrent connections (daemon.*_max_connections)",
+        cap,
     );
 }
