@@ -124,6 +124,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// When the kernel sent it (`bpf_ktime_get_ns`: CLOCK_MONOTONIC, comparable with `clock::monotonic_ns`).
+    pub fn time_ns(&self) -> u64 {
+        match self {
+            Self::Conn { time_ns, .. } | Self::Payload { time_ns, .. } | Self::Drop { time_ns, .. } => {
+                *time_ns
+            }
+            Self::Established(a) | Self::Request(a) | Self::FlowEnd(a) => a.time_ns,
+        }
+    }
+
     pub fn kind(&self) -> EventKind {
         match self {
             Self::Conn { .. } => EventKind::Conn,

@@ -25,6 +25,9 @@ pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StageStats {
     pub ticks: u64,
+    /// Ring events stamped before this daemon started (sent while no daemon read the ring): not fed to the
+    /// model, whose windows would otherwise take a downtime's backlog for a burst happening now.
+    pub stale_events: u64,
     pub proposed: u64,
     /// Written to the kernel (new or extended).
     pub applied: u64,
@@ -55,6 +58,8 @@ pub struct ModelStage {
     last_tick_ns: u64,
     /// The most recent handled decisions (bounded).
     recent: std::collections::VecDeque<Handled>,
+    /// Events stamped before this (kernel monotonic ns; the daemon's start) are stale.
+    pub not_before_ns: u64,
 }
 
 const RECENT: usize = 1024;
@@ -80,6 +85,7 @@ impl ModelStage {
             stats: StageStats::default(),
             last_tick_ns: 0,
             recent: Default::default(),
+            not_before_ns: 0,
         }
     }
 
@@ -92,6 +98,10 @@ impl ModelStage {
     }
 
     pub fn on_event(&mut self, event: &Event) {
+        if event.time_ns() < self.not_before_ns {
+            self.stats.stale_events += 1;
+            return;
+        }
         self.feed.on_event(&mut self.model, event);
     }
 
@@ -116,7 +126,7 @@ impl ModelStage {
         self.last_tick_ns = now_ns;
         self.stats.ticks += 1;
         let mut protected = enforcer.allowlist().unwrap_or_default();
-        protected.extend(enforcer.config().management.iter().copied());
+        protected.extend(enforcer.guard().management().iter().copied());
         let protected = Protected(protected);
         let proposals = self.model.tick(now_ns, &protected);
         let mut handled = Vec::with_capacity(proposals.len());
@@ -267,5 +277,45 @@ fn scope_kind(scope: &Scope) -> &'static str {
         Scope::Source(_) => "source",
         Scope::Prefix(_) => "prefix",
         Scope::Fingerprint(_) => "fingerprint",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::FlowActivity;
+
+    fn established(time_ns: u64, port: u16) -> Event {
+        let flow = Flow {
+            src: "192.0.2.1".parse().unwrap(),
+            dst: "192.0.2.2".parse().unwrap(),
+            src_port: port,
+            dst_port: 443,
+            proto: 6,
+        };
+        Event::Established(FlowActivity {
+            time_ns,
+            flow,
+            syn_key: 1,
+            hello_key: 0,
+            start_ns: time_ns,
+            end_ns: time_ns,
+            bytes: 0,
+            response_bytes: 0,
+            packets: 1,
+            requests: 0,
+        })
+    }
+
+    #[test]
+    fn events_from_before_the_start_are_not_fed_to_the_model() {
+        let mut stage = ModelStage::new(model::ModelConfig::default(), false);
+        stage.not_before_ns = 10_000_000_000;
+        stage.on_event(&established(9_999_999_999, 1000));
+        assert_eq!(stage.stats().stale_events, 1);
+        assert_eq!(stage.feed.tracked_flows(), 0);
+        stage.on_event(&established(10_000_000_000, 1001));
+        assert_eq!(stage.stats().stale_events, 1);
+        assert_eq!(stage.feed.tracked_flows(), 1);
     }
 }

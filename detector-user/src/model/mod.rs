@@ -23,6 +23,7 @@ pub mod eval;
 mod features;
 mod policy;
 mod score;
+mod strikes;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 pub use features::{GROUP_FEATURES, SOURCE_FEATURES};
 pub use policy::{Action, PolicyConfig};
 pub use score::{Contribution, DEFAULT_WEIGHTS, LinearSpec, WeightsError, WeightsFile};
+pub use strikes::{StrikeScope, Strikes};
 
 use features::{GroupState, GroupView, SourceState, WATCHED};
 use score::{Compiled, contributions, top_reasons};
