@@ -9,6 +9,15 @@
 //!   it, plus one non-TLS flow start; and synthetic ones from `ja4::build` (split, reordered, wrapping sequence
 //!   numbers, a second ClientHello after ChangeCipherSpec, TLS 1.2 without extensions).
 //! - `event_decode`: hand-made records of every event kind, and short and unknown ones.
+//! - `control_request`: one line of every request kind, and malformed, wrong-version and unknown-field ones.
+//! - `config_toml`: `packaging/aqd.toml`, the empty config, and small configs with each section and bad values.
+//! - `list_file`: plain lists, a FireHOL `.netset`, an `ipset save`, IPv6, and bad lines.
+//! - `capture`: synthetic pcap files of every supported link type (a client SYN and a ClientHello in each) and a
+//!   pcapng file (section, interface, enhanced and simple packet blocks), truncated and big-endian ones.
+//! - `p0f_db`: `aqd_fuzz::P0F_DB` and small databases with each field form and each kind of refused line.
+//! - `syn`: IPv4 and IPv6 SYNs (options, EOL padding, IP options, extension headers, payload, quirks).
+//! - `hello_key`: ClientHello messages (`ja4::build`: TLS 1.3 and 1.2, non-alphanumeric ALPN, GREASE, no
+//!   signature algorithms) and JA4_r strings.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,10 +28,10 @@ use std::{
 
 use anyhow::Context as _;
 use aqd_fuzz::{Flow, MAX_SEGMENTS};
-use detector_common::{AddrKey, ConnEvent, DropEvent, EventHeader, FlowTuple, Reason};
+use detector_common::{AddrKey, ConnEvent, DropEvent, EventHeader, FlowTuple, Reason, syn::SynSignature};
 use detector_user::fingerprint::{
     ja4::{
-        build::{HelloBuilder, chrome_like},
+        build::{self, HelloBuilder, chrome_like},
         ja4_from_stream,
     },
     offline::read_tcp_segments,
@@ -45,10 +54,21 @@ fn main() -> anyhow::Result<()> {
     synthetic_hello_seeds(&mut seeds)?;
     let mut events = Seeds::new(fuzz_dir.join("seeds/event_decode"))?;
     event_seeds(&mut events)?;
+    control_seeds(&mut Seeds::new(fuzz_dir.join("seeds/control_request"))?)?;
+    config_seeds(
+        &mut Seeds::new(fuzz_dir.join("seeds/config_toml"))?,
+        &fuzz_dir.join("../packaging/aqd.toml"),
+    )?;
+    list_seeds(&mut Seeds::new(fuzz_dir.join("seeds/list_file"))?)?;
+    capture_seeds(&mut Seeds::new(fuzz_dir.join("seeds/capture"))?)?;
+    p0f_seeds(&mut Seeds::new(fuzz_dir.join("seeds/p0f_db"))?)?;
+    syn_seeds(&mut Seeds::new(fuzz_dir.join("seeds/syn"))?)?;
+    hello_key_seeds(&mut Seeds::new(fuzz_dir.join("seeds/hello_key"))?)?;
     Ok(())
 }
 
-/// A seed directory, emptied first.
+/// A seed directory, emptied first except for its `regression-*` inputs (crashes found by fuzzing, kept
+/// as checked in).
 struct Seeds {
     dir: PathBuf,
     count: usize,
@@ -56,10 +76,16 @@ struct Seeds {
 
 impl Seeds {
     fn new(dir: PathBuf) -> anyhow::Result<Self> {
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-        }
         fs::create_dir_all(&dir)?;
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let kept = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("regression-"));
+            if !kept {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
         Ok(Seeds { dir, count: 0 })
     }
 
@@ -235,6 +261,12 @@ fn event_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
     let conn = |flow| ConnEvent {
         header: header(0, size_of::<ConnEvent>()),
         flow,
+        syn: SynSignature::default(),
+        syn_key: 0x0123_4567_89ab_cdef,
+        action: 1,
+        dropped: 0,
+        _pad: [0; 2],
+        isn: 1000,
     };
     seeds.write("conn-v4", &bytes_of(&conn(v4)))?;
     seeds.write("conn-v6", &bytes_of(&conn(v6)))?;
@@ -251,5 +283,471 @@ fn event_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
     seeds.write("drop-short", &short)?;
     seeds.write("unknown-kind", &bytes_of(&header(0x7fff, 16)))?;
     seeds.write("short-header", &[0, 0, 56])?;
+    Ok(())
+}
+
+/// Request lines as the CLI writes them (literal JSON, so that the seeds do not depend on the request types).
+fn control_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let lines: [(&str, &str); 20] = [
+        ("status", r#"{"version":1,"cmd":"status"}"#),
+        ("list-all", r#"{"version":1,"cmd":"list","what":"all"}"#),
+        (
+            "decide-block",
+            r#"{"version":1,"cmd":"decide","target":"192.0.2.7","action":"block","ttl_secs":600,"reason":"scraper"}"#,
+        ),
+        (
+            "decide-throttle-v6",
+            r#"{"version":1,"cmd":"decide","target":"2001:db8::/48","action":"throttle","class":"throttle","permanent":true,"force":true}"#,
+        ),
+        (
+            "remove",
+            r#"{"version":1,"cmd":"remove","target":"198.51.100.0/24"}"#,
+        ),
+        (
+            "list-add",
+            r#"{"version":1,"cmd":"list_add","list":"deny","target":"203.0.113.0/24","ttl_secs":60}"#,
+        ),
+        (
+            "list-remove",
+            r#"{"version":1,"cmd":"list_remove","list":"allow","target":"10.0.0.1"}"#,
+        ),
+        (
+            "import",
+            r#"{"version":1,"cmd":"import","into":"block","entries":["192.0.2.1","2001:db8::/64"],"ttl_secs":3600,"reason":"feed"}"#,
+        ),
+        ("reload", r#"{"version":1,"cmd":"reload"}"#),
+        ("fp-list", r#"{"version":1,"cmd":"fp_list"}"#),
+        (
+            "score-top",
+            r#"{"version":1,"cmd":"score_top","kind":"prefix","limit":20}"#,
+        ),
+        ("explain", r#"{"version":1,"cmd":"explain","target":"192.0.2.7"}"#),
+        (
+            "fp-set",
+            r#"{"version":1,"cmd":"fp_set","fp":"t13d1516h2_8daaf6152771_d8a2da3f94cd","action":"block","ttl_secs":60}"#,
+        ),
+        (
+            "fp-remove",
+            r#"{"version":1,"cmd":"fp_remove","fp":"syn:0x0123456789abcdef"}"#,
+        ),
+        ("wrong-version", r#"{"version":2,"cmd":"status"}"#),
+        ("no-version", r#"{"cmd":"status"}"#),
+        ("unknown-field", r#"{"version":1,"cmd":"status","extra":1}"#),
+        ("unknown-cmd", r#"{"version":1,"cmd":"format_disk"}"#),
+        ("truncated", r#"{"version":1,"cmd":"decide","target":"192.0"#),
+        ("not-an-object", r#"[1,{"version":1},"\u00e9",1e400]"#),
+    ];
+    for (name, line) in lines {
+        seeds.write(name, format!("{line}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+fn config_seeds(seeds: &mut Seeds, packaged: &Path) -> anyhow::Result<()> {
+    let text = fs::read(packaged).with_context(|| format!("reading {}", packaged.display()))?;
+    seeds.write("packaging-aqd", &text)?;
+    let configs: [(&str, &str); 10] = [
+        ("empty", ""),
+        (
+            "daemon",
+            "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"skb\"\nmetrics_address = \"[::1]:9477\"\nstats_interval = \"1m\"\n",
+        ),
+        (
+            "protection",
+            "[protection]\nports = [443, 8443]\nmanagement = [\"192.0.2.0/24\", \"2001:db8::/32\"]\nmin_block_prefix_v4 = 8\nflow_idle_timeout = 3600\n",
+        ),
+        (
+            "rate-classes",
+            "[rate_classes.slow]\nid = 3\npackets_per_second = 10\npacket_burst = 20\n[rate_classes.throttle]\nid = 1\n",
+        ),
+        (
+            "lists",
+            "[lists]\nallow = [\"198.51.100.10\"]\ndeny = [\"203.0.113.0/24\"]\ndeny_files = [\"/etc/aqd/deny.netset\"]\n",
+        ),
+        (
+            "decisions",
+            "[decisions]\ndefault_ttl = \"2h\"\nttl_jitter = 0.25\n[events]\ndrop_sample_every = 8\n",
+        ),
+        (
+            "fingerprints",
+            "[fingerprints]\nescalate_after = 5\nflow_timeout = \"30s\"\n[[fingerprint]]\nfp = \"t13d1516h2_8daaf6152771_d8a2da3f94cd\"\n\
+             action = \"block\"\nttl = \"1h\"\n[[fingerprint]]\nfp = \"4:64+0:0:1460:65535,6:mss,nop,ws::df:0\"\naction = \"throttle\"\n\
+             class = \"throttle\"\n",
+        ),
+        (
+            "model",
+            "[model]\nmax_sources = 1000\nwarmup_s = 0\nfingerprint_min_purity = 0.5\n",
+        ),
+        ("bad-cidr", "[lists]\ndeny = [\"10.0.0.1/8\"]\n"),
+        ("bad-syntax", "[daemon\ninterfaces = [\"eth0\"\n"),
+    ];
+    for (name, text) in configs {
+        seeds.write(name, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn list_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let lists: [(&str, &str); 5] = [
+        ("plain", "192.0.2.0/24\n198.51.100.7\n2001:db8::/48\n"),
+        (
+            "netset",
+            "#\n# firehol_level1\n#\n# Maintainer: example\n#\n0.0.0.0/8\n10.0.0.0/8\n100.64.0.0/10\n192.0.2.0/24 ; doc\n",
+        ),
+        (
+            "ipset-save",
+            "create blk hash:net family inet hashsize 1024 maxelem 65536\nadd blk 203.0.113.0/25 timeout 300\nadd blk 198.51.100.1\n",
+        ),
+        (
+            "ipv6",
+            "::/0\n::ffff:0:0/96\n::ffff:192.0.2.1\nfe80::1%eth0\n2001:db8:0:0:0:0:0:1/128\n",
+        ),
+        (
+            "bad-lines",
+            "10.0.0.1/24\nnot-an-ip\n300.1.1.1\n\u{feff}192.0.2.1\r\nadd blk\n",
+        ),
+    ];
+    for (name, text) in lists {
+        seeds.write(name, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// A client SYN (IPv4: the macOS SYN of the `syn` unit tests; with options, EOL padding and DF).
+fn syn_v4() -> Vec<u8> {
+    vec![
+        0x45, 0x00, 0x00, 0x40, 0x00, 0x00, 0x40, 0x00, 0x40, 0x06, 0xc5, 0x0d, 0xac, 0x10, 0x05, 0x10, 0xac,
+        0x43, 0x18, 0x47, 0xef, 0x7f, 0x01, 0xbb, 0xc6, 0xa2, 0x9c, 0xd2, 0x00, 0x00, 0x00, 0x00, 0xb0, 0xc2,
+        0xff, 0xff, 0xd2, 0x28, 0x00, 0x00, 0x02, 0x04, 0x05, 0xb4, 0x01, 0x03, 0x03, 0x06, 0x01, 0x01, 0x08,
+        0x0a, 0x78, 0x03, 0x21, 0xb5, 0x00, 0x00, 0x00, 0x00, 0x04, 0x02, 0x00, 0x00,
+    ]
+}
+
+/// An IPv6 packet around `tcp` (a TCP header and payload), after the extension headers `ext` (each:
+/// next header, then its bytes, whose first byte is overwritten with the chain's next value).
+fn ipv6(tcp: &[u8], ext: &[(u8, Vec<u8>)], hop_limit: u8, flow_label: u32) -> Vec<u8> {
+    let mut chain: Vec<u8> = Vec::new();
+    for (i, (_, bytes)) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).map_or(6, |(kind, _)| *kind);
+        let mut bytes = bytes.clone();
+        bytes[0] = next;
+        chain.extend(bytes);
+    }
+    // Version 6, traffic class 0, the 20-bit flow label.
+    let mut p = vec![
+        0x60,
+        (flow_label >> 16) as u8 & 0x0f,
+        (flow_label >> 8) as u8,
+        flow_label as u8,
+    ];
+    p.extend_from_slice(&((chain.len() + tcp.len()) as u16).to_be_bytes());
+    p.push(ext.first().map_or(6, |(kind, _)| *kind));
+    p.push(hop_limit);
+    p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    p.extend(chain);
+    p.extend_from_slice(tcp);
+    p
+}
+
+/// A TCP header: `flags`, `options` (padded to 4 bytes with EOL), then `payload`.
+fn tcp(seq: u32, flags: u8, window: u16, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut opts = options.to_vec();
+    while opts.len() % 4 != 0 {
+        opts.push(0);
+    }
+    let mut t = vec![0xd4, 0x31, 0x01, 0xbb];
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&[0; 4]);
+    t.push((((20 + opts.len()) / 4) as u8) << 4);
+    t.push(flags);
+    t.extend_from_slice(&window.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    t.extend(opts);
+    t.extend_from_slice(payload);
+    t
+}
+
+/// An IPv4 packet around `tcp`, with `ip_options` (a multiple of 4 bytes).
+fn ipv4(tcp: &[u8], ip_options: &[u8], ttl: u8, df: bool, id: u16) -> Vec<u8> {
+    let ihl = 20 + ip_options.len();
+    let total = (ihl + tcp.len()) as u16;
+    let mut p = vec![0x40 | (ihl / 4) as u8, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&(if df { 0x4000u16 } else { 0 }).to_be_bytes());
+    p.extend_from_slice(&[ttl, 6, 0, 0, 192, 0, 2, 10, 198, 51, 100, 20]);
+    p.extend_from_slice(ip_options);
+    p.extend_from_slice(tcp);
+    p
+}
+
+const LINUX_OPTIONS: [u8; 20] = [
+    2, 4, 5, 0xb4, 4, 2, 8, 10, 0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0, 1, 3, 3, 7,
+];
+
+fn syn_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    seeds.write("v4-macos", &syn_v4())?;
+    let linux = tcp(0x1000, 0x02, 64240, &LINUX_OPTIONS, &[]);
+    seeds.write("v4-linux", &ipv4(&linux, &[], 57, true, 0x1234))?;
+    seeds.write("v4-ip-options", &ipv4(&linux, &[0x94, 4, 0, 0], 120, false, 0))?;
+    seeds.write(
+        "v4-payload-quirks",
+        &ipv4(
+            &tcp(0, 0x02 | 0x08 | 0x20 | 0x40, 1024, &[2, 4, 1, 9], b"GET /"),
+            &[],
+            250,
+            false,
+            7,
+        ),
+    )?;
+    seeds.write(
+        "v4-bad-options",
+        &ipv4(
+            &tcp(5, 0x02, 512, &[2, 4, 5, 0xb4, 3, 9, 1, 0, 0x55, 0x55], &[]),
+            &[],
+            64,
+            true,
+            1,
+        ),
+    )?;
+    let mut nops = vec![1u8; 19];
+    nops.extend_from_slice(&[2, 4, 5, 0xb4]);
+    seeds.write(
+        "v4-many-nops",
+        &ipv4(&tcp(5, 0x02, 512, &nops, &[]), &[], 64, true, 1),
+    )?;
+    seeds.write("v6-linux", &ipv6(&linux, &[], 60, 0x12345))?;
+    let hop_by_hop = (0u8, vec![0, 0, 1, 4, 0, 0, 0, 0]);
+    let fragment_first = (44u8, vec![0, 0, 0, 1, 0, 0, 0, 9]);
+    let routing = (43u8, vec![0, 0, 0, 0, 0, 0, 0, 0]);
+    seeds.write(
+        "v6-extension-headers",
+        &ipv6(&linux, &[hop_by_hop, routing, fragment_first], 250, 0),
+    )?;
+    seeds.write(
+        "v6-syn-ack",
+        &ipv6(&tcp(9, 0x12, 65535, &[2, 4, 5, 0xa0], &[]), &[], 64, 0),
+    )?;
+    Ok(())
+}
+
+/// The link layer of a frame of `linktype` around an IP packet.
+fn frame(linktype: u32, ip: &[u8]) -> Vec<u8> {
+    let ethertype: [u8; 2] = if ip[0] >> 4 == 6 {
+        [0x86, 0xdd]
+    } else {
+        [0x08, 0x00]
+    };
+    let mut f = match linktype {
+        // Ethernet with one 802.1Q tag.
+        1 => {
+            let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x81, 0x00, 0, 5];
+            f.extend_from_slice(&ethertype);
+            f
+        }
+        0 | 108 => vec![2, 0, 0, 0],
+        113 => {
+            let mut f = vec![0, 0, 0, 1, 0, 6, 2, 0, 0, 0, 0, 1, 0, 0];
+            f.extend_from_slice(&ethertype);
+            f
+        }
+        276 => {
+            let mut f = ethertype.to_vec();
+            f.extend_from_slice(&[0, 0, 0, 0, 0, 2, 0, 1, 0, 6, 2, 0, 0, 0, 0, 1, 0, 0]);
+            f
+        }
+        _ => Vec::new(),
+    };
+    f.extend_from_slice(ip);
+    f
+}
+
+/// A pcap file (microsecond magic, little-endian unless `big_endian`) of `frames`.
+fn pcap(linktype: u32, frames: &[Vec<u8>], big_endian: bool) -> Vec<u8> {
+    let u32b = |v: u32| {
+        if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    };
+    let u16b = |v: u16| {
+        if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&u32b(0xa1b2_c3d4));
+    out.extend_from_slice(&u16b(2));
+    out.extend_from_slice(&u16b(4));
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&u32b(65535));
+    out.extend_from_slice(&u32b(linktype));
+    for (i, f) in frames.iter().enumerate() {
+        out.extend_from_slice(&u32b(1_700_000_000 + i as u32));
+        out.extend_from_slice(&u32b(0));
+        out.extend_from_slice(&u32b(f.len() as u32));
+        out.extend_from_slice(&u32b(f.len() as u32));
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// A pcapng block: type, total length, body (padded to 4 bytes), total length.
+fn block(kind: u32, body: &[u8]) -> Vec<u8> {
+    let padded = body.len().div_ceil(4) * 4;
+    let total = (12 + padded) as u32;
+    let mut out = kind.to_le_bytes().to_vec();
+    out.extend_from_slice(&total.to_le_bytes());
+    out.extend_from_slice(body);
+    out.resize(8 + padded, 0);
+    out.extend_from_slice(&total.to_le_bytes());
+    out
+}
+
+/// A pcapng file: a section with an Ethernet and a raw-IP interface; enhanced packets on both, a simple packet.
+fn pcapng(frames: &[Vec<u8>], raw: &[Vec<u8>]) -> Vec<u8> {
+    let mut shb = 0x1a2b_3c4du32.to_le_bytes().to_vec();
+    shb.extend_from_slice(&1u16.to_le_bytes());
+    shb.extend_from_slice(&0u16.to_le_bytes());
+    shb.extend_from_slice(&u64::MAX.to_le_bytes());
+    let mut out = block(0x0a0d_0d0a, &shb);
+    for linktype in [1u16, 101] {
+        let mut idb = linktype.to_le_bytes().to_vec();
+        idb.extend_from_slice(&[0, 0]);
+        idb.extend_from_slice(&65535u32.to_le_bytes());
+        out.extend(block(1, &idb));
+    }
+    let epb = |interface: u32, data: &[u8]| {
+        let mut b = interface.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(data);
+        b.resize(20 + data.len().div_ceil(4) * 4, 0);
+        block(6, &b)
+    };
+    for f in frames {
+        out.extend(epb(0, f));
+    }
+    for f in raw {
+        out.extend(epb(1, f));
+    }
+    if let Some(f) = frames.first() {
+        let mut spb = (f.len() as u32).to_le_bytes().to_vec();
+        spb.extend_from_slice(f);
+        out.extend(block(3, &spb));
+    }
+    out
+}
+
+fn capture_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let hello = chrome_like().records(16384);
+    let isn = 0x1000u32;
+    let syn4 = ipv4(&tcp(isn, 0x02, 64240, &LINUX_OPTIONS, &[]), &[], 64, true, 1);
+    let data4 = ipv4(&tcp(isn + 1, 0x18, 502, &[], &hello[..1400]), &[], 64, true, 2);
+    let rest4 = ipv4(&tcp(isn + 1401, 0x18, 502, &[], &hello[1400..]), &[], 64, true, 3);
+    let syn6 = ipv6(&tcp(isn, 0x02, 64800, &LINUX_OPTIONS, &[]), &[], 64, 0x0abcd);
+    let data6 = ipv6(&tcp(isn + 1, 0x18, 502, &[], &hello[..1200]), &[], 64, 0x0abcd);
+    let packets = [syn4, data4, rest4, syn6, data6];
+    for (name, linktype) in [
+        ("ethernet", 1),
+        ("null", 0),
+        ("raw", 101),
+        ("sll", 113),
+        ("sll2", 276),
+    ] {
+        let frames: Vec<Vec<u8>> = packets.iter().map(|p| frame(linktype, p)).collect();
+        seeds.write(&format!("pcap-{name}"), &pcap(linktype, &frames, false))?;
+    }
+    let frames: Vec<Vec<u8>> = packets.iter().map(|p| frame(1, p)).collect();
+    seeds.write("pcap-big-endian", &pcap(1, &frames[..2], true))?;
+    let mut truncated = pcap(1, &frames, false);
+    truncated.truncate(truncated.len() - 100);
+    seeds.write("pcap-truncated", &truncated)?;
+    seeds.write("pcap-unsupported-link", &pcap(147, &frames[..1], false))?;
+    seeds.write("pcapng", &pcapng(&frames[..3], &packets[3..]))?;
+    seeds.write("too-short", &[0xd4, 0xc3])?;
+    Ok(())
+}
+
+fn p0f_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    seeds.write("fuzz-db", aqd_fuzz::P0F_DB.as_bytes())?;
+    let header = "classes = win,unix,other\n[tcp:request]\n";
+    let bodies: [(&str, &str); 6] = [
+        (
+            "every-form",
+            "label = g:unix:Linux:3.x\nsig = *:64+2:0:*:mss*20,10:mss,sok,ts,nop,ws,?30,eol+3:df,id+,ecn:*\n\
+             sig = 4:64-:0:1460:%8192,*::ack+:+\nsig = 4:128:0:1460:mtu*2,0:mss,nop,ws::0\n",
+        ),
+        (
+            "tool",
+            "label = s:!:nmap:scan\nsys = @unix,@win,Other OS\nsig = *:64-:0:1460:1024,0:mss::0\n",
+        ),
+        (
+            "bad-version",
+            "label = s:unix:Linux:3.x\nsig = 5:64:0:*:*,*:mss::0\n",
+        ),
+        (
+            "eol-not-last",
+            "label = s:unix:Linux:3.x\nsig = *:64:0:*:*,*:mss,eol+1,nop::0\n",
+        ),
+        (
+            "v6-quirk",
+            "label = s:unix:Linux:3.x\nsig = 6:64:0:*:*,*:mss:df:0\n",
+        ),
+        (
+            "sys-missing",
+            "label = s:!:nmap:scan\nsig = *:64-:0:1460:1024,0:mss::0\n",
+        ),
+    ];
+    for (name, body) in bodies {
+        seeds.write(name, format!("{header}{body}").as_bytes())?;
+    }
+    seeds.write("unknown-section", b"[tcp:sideways]\nlabel = x\n")?;
+    Ok(())
+}
+
+fn hello_key_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let chrome = chrome_like();
+    seeds.write("chrome-like", &chrome.message())?;
+    let tls12 = HelloBuilder {
+        legacy_version: 0x0303,
+        record_version: 0x0301,
+        session_id: vec![],
+        ciphers: vec![0xc02f, 0xc030, 0x009c, 0x002f],
+        extensions: None,
+    };
+    seeds.write("tls12-no-extensions", &tls12.message())?;
+    let odd_alpn = HelloBuilder {
+        extensions: Some(vec![
+            (0x0010, build::alpn(&[b"\x00h2\xff", b"http/1.1"])),
+            (0x000d, build::u16_vector(&[0x0403, 0x1a1a, 0x0804])),
+            (0x002b, build::supported_versions(&[0x7a7a, 0x0304, 0x0303])),
+            (0x0000, build::sni("example.com")),
+            (0x0000, build::sni("again.example.com")),
+        ]),
+        ..tls12.clone()
+    };
+    seeds.write("odd-alpn-duplicate-sni", &odd_alpn.message())?;
+    let many = HelloBuilder {
+        ciphers: (1..=120u16).collect(),
+        extensions: Some((0x0100..0x0170u16).map(|e| (e, vec![])).collect()),
+        ..tls12
+    };
+    seeds.write("over-99-ciphers-and-extensions", &many.message())?;
+    for (name, text) in [
+        (
+            "ja4r-chrome",
+            "t13d1516h2_002f,0035,009c,009d,1301,1302,1303,c013,c014,c02b,c02c,c02f,c030,cca8,cca9_0005,000a,000b,000d,0012,0017,001b,0023,002b,002d,0033,4469,fe0d,ff01_0403,0804,0401,0503,0805,0501,0806,0601",
+        ),
+        ("ja4r-no-sigalgs", "t12i040000_002f,009c,c02f,c030_"),
+        ("ja4r-bad", "t13d0200h2_1301_"),
+    ] {
+        seeds.write(name, text.as_bytes())?;
+    }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Input formats shared by the fuzz targets and the seed generator (`examples/make_seeds.rs`).
+//! Input formats and data shared by the fuzz targets and the seed generator (`examples/make_seeds.rs`): the
+//! `client_hello` input format ([`Flow`]) and the small p0f database of `capture` and `p0f_db` ([`P0F_DB`]).
 //!
 //! `client_hello` input: the first client bytes of a TCP flow as segments with arbitrary sequence numbers.
 //!
@@ -12,6 +13,42 @@
 //!              input can still reach the 16 KiB bound)
 //!   payload
 //! ```
+
+/// A small p0f database in `p0f.fp` format (written for the fuzz targets, not taken from p0f's): every field
+/// form the parser knows, so that `capture` exercises the matcher and `p0f_db` starts from it.
+pub const P0F_DB: &str = "\
+; aqd fuzz database
+classes = win,unix,other
+
+[mtu]
+label = Ethernet or modem
+sig   = 1500
+
+[tcp:request]
+label = s:unix:Linux:3.11 and newer
+sig   = *:64:0:*:mss*20,10:mss,sok,ts,nop,ws:df,id+:0
+sig   = *:64:0:*:mss*20,7:mss,sok,ts,nop,ws:df,id+:0
+label = g:unix:Linux:3.x
+sig   = *:64:0:*:mss*10,*:mss,sok,ts,nop,ws:df,id+:0
+label = s:unix:Mac OS X:10.x
+sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+:0
+sig   = 4:64+0:0:1460:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,ecn:0
+label = s:win:Windows:7 or 8
+sig   = *:128:0:*:8192,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = 4:128:0:1460:mtu*4,8:mss,nop,ws,nop,nop,sok:df,id+:0
+label = g:win:Windows:NT kernel
+sig   = *:128:0:*:%8192,*:mss,nop,nop,sok:df,id+:0
+label = s:other:Printer:x
+sig   = 6:255:0:1440:%1000,0:mss,?30,nop,ws::+
+label = s:!:NMap:SYN scan
+sys   = @unix,@win
+sig   = *:64-:0:1460:1024,0:mss::0
+sig   = 4:64-:0:265:%512,0:mss,sok,ts:ack+:0
+
+[tcp:response]
+label = s:unix:Linux:3.x
+sig   = *:64:0:*:mss*10,0:mss:df:0
+";
 
 /// Most segments taken from one input.
 pub const MAX_SEGMENTS: usize = 64;

@@ -10,6 +10,7 @@ mod bench;
 mod bootstrap;
 mod demo;
 mod eval;
+mod fuzz;
 mod kernels;
 mod test;
 mod util;
@@ -42,6 +43,9 @@ enum Command {
     /// Evaluate the behavioural model on the shipped scenarios (or --scenario FILE), side by side with a naive
     /// per-IP leaky bucket; --train refits the shipped weights on scenarios/train/ first.
     Eval(eval::EvalArgs),
+    /// Run the fuzz targets long, one at a time (every target, or --target T), keeping the corpus in
+    /// fuzz/corpus/; --seconds per target, --runs to stop at an execution count.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot Debian's 6.1 and 6.12 kernels (and the running one) under qemu/KVM and run the kernel tests on
     /// each; installs qemu and downloads the kernels when missing (root; not part of `test`).
     Kernels(kernels::KernelsArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Kernels(args) => kernels::run(&args),
         Command::DemoSend(args) => demo::send(&args),
         Command::DemoRecv(args) => demo::receive(&args),

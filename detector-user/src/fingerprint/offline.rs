@@ -207,13 +207,14 @@ pub fn strip_link(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Calls `f` with the link type and bytes of every frame of a pcap or pcapng file.
+/// Calls `f` with the link type and bytes of every frame of a pcap or pcapng capture read from `file`;
+/// `path` names it in messages.
 fn for_each_frame(
+    mut file: impl Read,
     path: &Path,
     stats: &mut CaptureStats,
     mut f: impl FnMut(u32, &[u8]),
 ) -> anyhow::Result<()> {
-    let mut file = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic)
         .with_context(|| format!("{}: too short for a capture", path.display()))?;
@@ -283,14 +284,30 @@ fn for_each_frame(
     Ok(())
 }
 
+fn open(path: &Path) -> anyhow::Result<BufReader<File>> {
+    Ok(BufReader::new(
+        File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    ))
+}
+
 /// Calls `f` with every TCP segment of a capture (first fragments and unfragmented packets only).
-pub fn read_tcp_segments(path: &Path, mut f: impl FnMut(&TcpSegment<'_>)) -> anyhow::Result<CaptureStats> {
+pub fn read_tcp_segments(path: &Path, f: impl FnMut(&TcpSegment<'_>)) -> anyhow::Result<CaptureStats> {
+    read_tcp_segments_from(open(path)?, path, f)
+}
+
+/// [`read_tcp_segments`] of a capture read from `reader` (pure: no file is opened); `name` is only used in
+/// messages.
+pub fn read_tcp_segments_from(
+    reader: impl Read,
+    name: &Path,
+    mut f: impl FnMut(&TcpSegment<'_>),
+) -> anyhow::Result<CaptureStats> {
     let mut stats = CaptureStats::default();
     let mut udp_443: HashSet<(IpAddr, u16, IpAddr, u16)> = HashSet::new();
     let mut unsupported = 0u64;
     let mut skipped = 0u64;
     let mut segments = 0u64;
-    for_each_frame(path, &mut stats, |linktype, frame| {
+    for_each_frame(reader, name, &mut stats, |linktype, frame| {
         if !link_type_supported(linktype) {
             unsupported += 1;
             return;
@@ -372,9 +389,19 @@ pub fn fingerprint_file_with_stats(
     path: &Path,
     p0f_db: Option<&P0fDb>,
 ) -> anyhow::Result<(Vec<OfflineRecord>, CaptureStats)> {
+    fingerprint_reader(open(path)?, path, p0f_db)
+}
+
+/// [`fingerprint_file_with_stats`] of a capture read from `reader` (pure: no file is opened, so a fuzz target
+/// can feed it bytes); `name` is only used in messages.
+pub fn fingerprint_reader(
+    reader: impl Read,
+    name: &Path,
+    p0f_db: Option<&P0fDb>,
+) -> anyhow::Result<(Vec<OfflineRecord>, CaptureStats)> {
     let mut records = Vec::new();
     let mut flows: HashMap<(IpAddr, u16, IpAddr, u16), Direction> = HashMap::new();
-    let stats = read_tcp_segments(path, |seg| {
+    let stats = read_tcp_segments_from(reader, name, |seg| {
         let key = (seg.src, seg.src_port, seg.dst, seg.dst_port);
         let is_syn = seg.flags & TCP_SYN != 0;
         if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -428,7 +455,7 @@ pub fn fingerprint_file_with_stats(
     if stats.unsupported_link > 0 {
         tracing::warn!(
             "{}: {} frames of unsupported link types skipped",
-            path.display(),
+            name.display(),
             stats.unsupported_link
         );
     }

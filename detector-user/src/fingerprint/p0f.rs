@@ -420,9 +420,11 @@ pub fn parse_signature(value: &str) -> Result<P0fSignature, String> {
     let (ttl, bad_ttl) = if let Some(base) = ttl_field.strip_suffix('-') {
         (number::<u8>(base, "initial TTL", 1, 255)?, true)
     } else if let Some((base, add)) = ttl_field.split_once('+') {
-        let base: u16 = number(base, "initial TTL", 1, 255)?;
+        // `observed+distance` as `signature_text` prints it: an observed TTL of 0 is possible (`0+32`), the
+        // sum is the initial TTL.
+        let base: u16 = number(base, "initial TTL", 0, 255)?;
         let add: u16 = number(add, "TTL distance", 0, 255)?;
-        if base + add > 255 {
+        if base + add == 0 || base + add > 255 {
             return Err(format!("bogus initial TTL `{ttl_field}`"));
         }
         ((base + add) as u8, false)
@@ -578,6 +580,9 @@ mod tests {
         assert_eq!(s.wscale, None);
         assert!(s.layout.is_empty());
         assert_eq!(s.payload, Some(true));
+        // A SYN seen with TTL 0 prints as `0+32` (found by the `syn` fuzz target); `0+0` is no TTL.
+        assert_eq!(parse_signature("6:0+32:0:0:0,0::flow:+").unwrap().ttl, 32);
+        assert!(parse_signature("6:0+0:0:0:0,0::flow:+").is_err());
         assert_eq!(
             parse_signature("4:128:0:1460:mtu*2,0:mss,nop,ws::0")
                 .unwrap()
