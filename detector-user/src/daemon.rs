@@ -1,7 +1,12 @@
 //! `aqd run`: load, attach, apply the config, serve the control socket and metrics, read events, and exit
 //! leaving the kernel enforcing (maps pinned, XDP attached).
 //!
-//! Signals: SIGHUP reloads the config (a bad file is rejected, the running config kept); SIGINT/SIGTERM exit.
+//! Signals: SIGHUP reopens the audit log and reloads the config (a bad file is rejected, the running config
+//! kept); SIGINT/SIGTERM exit.
+//!
+//! Durability: `aqd run` holds an exclusive lock in its state directory for its lifetime (a second one exits,
+//! naming the first's PID, before touching anything), restores the state store into the maps before the program
+//! is attached, and skips ring events stamped before it started.
 
 use std::{
     collections::BTreeSet,
@@ -33,13 +38,14 @@ use crate::{
     control::{self, ControlError, ErrorKind, Handler, ImportInto, ListWhat, Request},
     enforce::{AuditLog, DecisionRequest, EnforceError, Enforcer, FpRequest},
     events::{Event, EventReader},
-    fingerprint::live::{self, Capture, FpAction, FpTarget, FpVerdicts, HelloSeen, LiveState, parse_fp},
-    listfile,
+    fingerprint::live::{self, Capture, FpAction, FpTarget, HelloSeen, LiveState, parse_fp},
     loader::{self, LoadOptions},
     maps::{KernelMaps, List, rate_class_limits},
     metrics,
     model_stage::ModelStage,
     paths,
+    serve::{self, Limiter, ServeStats},
+    store::{self, InstanceLock, Store, StoredStrike},
 };
 
 /// Event-reader statistics shared with the status and metrics views.
@@ -80,7 +86,35 @@ pub struct DaemonState {
     pub aging: Arc<AgingStats>,
     /// The tables and counters when this daemon started, to derive LRU evictions from.
     pub flow_baseline: Baseline,
+    /// The control and metrics servers' connection figures.
+    pub servers: Servers,
+    /// Store upkeep ticks (the model's strikes are saved every [`STRIKES_EVERY_TICKS`]).
+    store_ticks: u64,
+    /// From the start of `aqd run` to the programs loaded (the verifier's time), and to the stored state back in
+    /// the maps (which happens before the program is attached).
+    restored_after: (Duration, Duration),
 }
+
+/// The connection caps and figures of the daemon's two servers.
+#[derive(Debug)]
+pub struct Servers {
+    pub control: (Arc<Limiter>, Arc<ServeStats>),
+    pub metrics: (Arc<Limiter>, Arc<ServeStats>),
+}
+
+impl Servers {
+    fn new(config: &Config) -> Self {
+        Self {
+            control: (Limiter::new(config.control_max_connections), Arc::default()),
+            metrics: (Limiter::new(config.metrics_max_connections), Arc::default()),
+        }
+    }
+}
+
+/// The model's strikes are written to the store once a minute (and at exit): they change slowly.
+const STRIKES_EVERY_TICKS: u64 = 60;
+/// At most this many strike records are kept (offenders with strikes or a tier in force).
+const MAX_STRIKES: usize = 100_000;
 
 /// Settings given on the command line; they win over the config file.
 #[derive(Clone, Debug, Default)]
@@ -93,6 +127,7 @@ pub struct Overrides {
     pub stats_interval: Option<Duration>,
     pub metrics_address: Option<String>,
     pub audit_log: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
     pub dry_run: bool,
 }
 
@@ -132,6 +167,14 @@ impl Overrides {
         if let Some(a) = &self.audit_log {
             config.audit_log = a.clone();
         }
+        if let Some(d) = &self.state_dir {
+            config.state_dir = d.clone();
+        } else if self.pin_root.is_some()
+            && config.state_dir == std::path::Path::new(paths::DEFAULT_STATE_DIR)
+        {
+            // Another pin root is another instance: its own state and lock, like its socket.
+            config.state_dir = paths::state_dir_for_pin_root(&config.pin_root);
+        }
         config.dry_run |= self.dry_run;
         Ok(config)
     }
@@ -148,9 +191,27 @@ pub fn resolve_config(path: Option<&std::path::Path>, overrides: &Overrides) -> 
 
 /// Runs until SIGINT/SIGTERM.
 pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let started_ns = clock::monotonic_ns();
+    let started = Instant::now();
     let config = resolve_config(config_path.as_deref(), &overrides)?;
     if config.interfaces.is_empty() {
         anyhow::bail!("no interface to attach to: give --iface or set daemon.interfaces in the config");
+    }
+    match serve::raise_nofile_limit() {
+        Ok(l) => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard = l.hard,
+            "open-files limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!("could not raise the open-files limit: {e}"),
+    }
+    // First, before anything is loaded, attached or bound: one daemon per instance.
+    let _lock = InstanceLock::acquire(&paths::lock_file(&config.state_dir))?;
+    tracing::info!(pid = std::process::id(), lock = %paths::lock_file(&config.state_dir).display(), "starting");
+    let (store, loaded) = Store::open(&config.state_dir)?;
+    for problem in &loaded.problems {
+        tracing::error!("state store: {problem}; skipped, the rest is restored");
     }
     let pin_dir = paths::versioned_pin_dir(&config.pin_root);
     let mut ebpf = loader::load(&LoadOptions {
@@ -158,6 +219,11 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         test_clock: false,
     })
     .context("loading the XDP program")?;
+    let loaded_after = started.elapsed();
+    tracing::info!(
+        after_ms = loaded_after.as_millis() as u64,
+        "programs loaded and verified"
+    );
     // The kernel programs do not log (aya-log's formatter is a BPF subprogram whose stack adds to the
     // caller's); what they see is counted per reason and sent as events.
     // Handles on the connection tables first: `from_ebpf` takes the maps out of `ebpf`.
@@ -194,10 +260,36 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         flow_tables,
         aging: Arc::clone(&aging),
         flow_baseline,
+        servers: Servers::new(&config),
+        store_ticks: 0,
+        restored_after: (Duration::ZERO, Duration::ZERO),
     };
-    state.enforcer.fp = FpVerdicts::load(&paths::fp_verdicts_for_socket(&config.socket));
+    state.model.not_before_ns = started_ns;
+    state.enforcer.set_store(store);
+    let fps = state.enforcer.restore_fingerprints()?;
     // Settings and lists go in before the program is attached, so it never runs with stale limits.
     state.apply_config(&config)?;
+    let policy = state.enforcer.restore_policy()?;
+    let strikes = state.restore_strikes();
+    tracing::info!(
+        dir = %config.state_dir.display(),
+        decisions = policy.decisions,
+        list_entries = policy.list_entries,
+        fingerprints = fps.fingerprints,
+        strikes,
+        already_present = policy.already_present + fps.already_present,
+        expired = policy.expired + fps.expired,
+        refused = policy.refused,
+        failed = policy.failed,
+        "state restored"
+    );
+    // A failed compaction (a full disk) keeps the journal as it is: enforcing comes first.
+    if let Some(store) = state.enforcer.store_mut()
+        && let Err(e) = store.compact(store::now_unix_ms())
+    {
+        tracing::warn!("state store: compaction at start failed: {e}; the journal is kept");
+    }
+    state.restored_after = (loaded_after, started.elapsed());
     let reinstalled = state.enforcer.fp_reinstall_all()?;
     if reinstalled > 0 {
         tracing::info!(keys = reinstalled, "fingerprint verdicts reinstalled");
@@ -229,33 +321,58 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let listener = control::bind(&socket_path, config.socket_group.as_deref())
         .with_context(|| format!("control socket {}", socket_path.display()))?;
     tracing::info!(socket = %socket_path.display(), "control socket ready");
-    let control_task = tokio::spawn(control::serve_listener(listener, Arc::clone(&state)));
+    let (control_limiter, control_stats, metrics_limiter, metrics_stats) = {
+        let servers = &serve::lock(&state).servers;
+        (
+            Arc::clone(&servers.control.0),
+            Arc::clone(&servers.control.1),
+            Arc::clone(&servers.metrics.0),
+            Arc::clone(&servers.metrics.1),
+        )
+    };
+    let control_task = tokio::spawn(control::serve_listener(
+        listener,
+        Arc::clone(&state),
+        control_limiter,
+        control_stats,
+    ));
     let metrics_task = match config.metrics_address {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("metrics endpoint {address}"))?;
             tracing::info!(%address, "metrics on /metrics");
-            Some(tokio::spawn(metrics::serve(listener, Arc::clone(&state))))
+            let kernel = metrics::KernelView {
+                maps: KernelMaps::from_pins(&pin_dir).context("opening the maps for metrics")?,
+                flow_tables: serve::lock(&state).flow_tables.try_clone()?,
+            };
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&state),
+                kernel,
+                metrics_limiter,
+                metrics_stats,
+            )))
         }
         None => None,
     };
 
     spawn_ager(ager, Arc::clone(&aging))?;
+    spawn_purger(
+        KernelMaps::from_pins(&pin_dir).context("opening the maps for purging")?,
+        Arc::clone(&state),
+    )?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut stats = tokio::time::interval(config.stats_interval);
-    // Expired entries are already ignored by the kernel; purging them keeps the maps from filling up.
-    // Walks every list and decision map (two syscalls an entry, under the state lock): not too often.
-    let mut purge = tokio::time::interval(Duration::from_secs(300));
     // The kernel wakes the reader only when the ring fills up (wake-ups are costly); drain it regularly too.
     // Short: a ClientHello the kernel could not key waits for this drain before the daemon blocks its flow.
     let mut drain = tokio::time::interval(Duration::from_millis(5));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Reassembly of ClientHellos that never complete is given up after fingerprints.flow_timeout.
     let mut expire = tokio::time::interval(Duration::from_secs(1));
-    let mut last = state.lock().expect("state lock").enforcer.maps.counters()?;
+    let mut last = serve::lock(&state).enforcer.maps.counters()?;
     let mut batch: Vec<Event> = Vec::new();
     loop {
         tokio::select! {
@@ -268,31 +385,19 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
                 events.undecodable.store(reader.undecodable, Ordering::Relaxed);
             }
             _ = expire.tick() => {
-                let mut state = state.lock().expect("state lock");
+                let mut state = serve::lock(&state);
                 let timeout = state.live.settings.flow_timeout;
                 state.live.reassembler.expire(clock::monotonic_ns(), timeout);
                 state.model_tick();
-            }
-            _ = purge.tick() => {
-                let mut state = state.lock().expect("state lock");
-                match state.enforcer.fp_purge_expired() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(removed = n, "purged expired fingerprint verdicts"),
-                    Err(e) => tracing::warn!("purging expired fingerprint verdicts: {e}"),
-                }
-                match state.enforcer.maps.purge_expired() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(removed = n, "purged expired decisions and list entries"),
-                    Err(e) => tracing::warn!("purging expired entries: {e}"),
-                }
+                state.store_tick();
             }
             _ = stats.tick() => {
-                let now = state.lock().expect("state lock").enforcer.maps.counters()?;
+                let now = serve::lock(&state).enforcer.maps.counters()?;
                 log_counters(&last, &now);
                 last = now;
             }
             _ = sighup.recv() => {
-                let result = state.lock().expect("state lock").reload();
+                let result = serve::lock(&state).reload();
                 if let Err(e) = result {
                     tracing::error!("reload rejected, running config kept: {e:#}");
                 }
@@ -304,7 +409,7 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             for event in &batch {
                 record_event(&events, event);
             }
-            state.lock().expect("state lock").on_events(&batch);
+            serve::lock(&state).on_events(&batch);
             batch.clear();
             if batch.capacity() > 65_536 {
                 batch.shrink_to(1024);
@@ -314,6 +419,13 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    {
+        let mut state = serve::lock(&state);
+        state.save_strikes();
+        if let Some(Err(e)) = state.enforcer.store_mut().map(|s| s.sync()) {
+            tracing::warn!("flushing the state store: {e}");
+        }
     }
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("exiting; the XDP program stays attached and keeps enforcing (`aqd detach` removes it)");
@@ -352,6 +464,77 @@ fn spawn_ager(mut ager: Ager, stats: Arc<AgingStats>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often expired entries are purged (the kernel already ignores them; purging keeps the maps from filling).
+const PURGE_INTERVAL: Duration = Duration::from_secs(300);
+/// Expired entries removed per hold of the state lock (two syscalls each: about 2 ms in a debug build, well
+/// under in release), so event draining and the control socket wait at most that long.
+const PURGE_STEP: usize = 64;
+/// The pause between steps: the main loop (draining events every 5 ms) takes the lock in between.
+const PURGE_PAUSE: Duration = Duration::from_millis(1);
+
+/// Starts the purger (its own thread): every [`PURGE_INTERVAL`] it walks the list, decision and verdict maps on
+/// its own handles without the state lock, then removes what it found expired in steps of [`PURGE_STEP`], each
+/// under the lock and re-checked there (an entry rewritten since the walk is kept). It ends with the process.
+fn spawn_purger(walker: KernelMaps, state: Arc<Mutex<DaemonState>>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("aqd-purge".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(PURGE_INTERVAL);
+                purge_step_by_step(&walker, &state);
+            }
+        })
+        .context("starting the purger")?;
+    Ok(())
+}
+
+/// One purge pass (see [`spawn_purger`]).
+fn purge_step_by_step(walker: &KernelMaps, state: &Mutex<DaemonState>) {
+    // First the daemon's table of verdicts by fingerprint (in memory, one entry per verdict), which re-syncs
+    // their keys; then the maps.
+    let fp = serve::lock(state).enforcer.fp_purge_expired();
+    match fp {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(removed = n, "purged expired fingerprint verdicts"),
+        Err(e) => tracing::warn!("purging expired fingerprint verdicts: {e}"),
+    }
+    let now = clock::monotonic_ns();
+    let started = Instant::now();
+    let expired = walker.expired_entries(now);
+    let walked = started.elapsed();
+    let (mut removed, mut errors, mut longest_hold) = (0usize, 0usize, Duration::ZERO);
+    for step in expired.chunks(PURGE_STEP) {
+        let held = Instant::now();
+        let mut state = serve::lock(state);
+        for entry in step {
+            match state.enforcer.maps.remove_if_expired(entry, now) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    errors += 1;
+                    if errors == 1 {
+                        tracing::warn!("purging an expired entry: {e}");
+                    }
+                }
+            }
+        }
+        drop(state);
+        longest_hold = longest_hold.max(held.elapsed());
+        // A std mutex is not fair: pausing (not just yielding) lets a waiting event drain or request in.
+        std::thread::sleep(PURGE_PAUSE);
+    }
+    if removed > 0 || errors > 0 {
+        tracing::debug!(
+            removed,
+            errors,
+            found = expired.len(),
+            walked_ms = walked.as_millis() as u64,
+            longest_lock_hold_us = longest_hold.as_micros() as u64,
+            "purged expired decisions and list entries"
+        );
+    }
+}
+
 /// The config's list entries as the previous daemon left them (empty if none or unreadable: then a
 /// removed entry lingers until the operator removes it, which `list` shows).
 fn load_config_entries(path: &std::path::Path) -> BTreeSet<(bool, IpNet)> {
@@ -386,8 +569,12 @@ fn record_event(stats: &EventStats, event: &Event) {
 }
 
 impl DaemonState {
-    /// Re-reads the config file; on any error the running config stays.
+    /// Re-reads the config file; on any error the running config stays. The audit log is reopened first
+    /// (logrotate's SIGHUP), whatever the config holds.
     pub fn reload(&mut self) -> anyhow::Result<()> {
+        if let Err(e) = self.enforcer.reopen_audit() {
+            tracing::error!("reopening the audit log: {e}; still writing to the old file");
+        }
         let result = resolve_config(self.config_path.as_deref(), &self.overrides).and_then(|new| {
             let old = self.enforcer.config().clone();
             for (what, changed) in [
@@ -395,7 +582,16 @@ impl DaemonState {
                 ("xdp_mode", new.xdp_mode != old.xdp_mode),
                 ("pin_root", new.pin_root != old.pin_root),
                 ("socket", new.socket != old.socket),
+                ("state_dir", new.state_dir != old.state_dir),
                 ("metrics_address", new.metrics_address != old.metrics_address),
+                (
+                    "control_max_connections",
+                    new.control_max_connections != old.control_max_connections,
+                ),
+                (
+                    "metrics_max_connections",
+                    new.metrics_max_connections != old.metrics_max_connections,
+                ),
             ] {
                 if changed {
                     tracing::warn!("daemon.{what} changed; it takes effect at the next restart");
@@ -419,22 +615,22 @@ impl DaemonState {
     /// files before changing anything, so a bad file leaves the running state untouched.
     fn apply_config(&mut self, config: &Config) -> anyhow::Result<()> {
         let mut wanted: BTreeSet<(bool, IpNet)> = BTreeSet::new();
-        // Management networks are allowlisted in the kernel too, so nothing can ever drop them.
-        for net in config.allow.iter().chain(&config.management) {
+        for net in &config.allow {
             wanted.insert((true, *net));
         }
+        // `lists.deny` was checked against the management networks when the config was parsed.
         for net in &config.deny {
             wanted.insert((false, *net));
         }
-        for (files, allow) in [(&config.allow_files, true), (&config.deny_files, false)] {
-            for file in files {
-                let nets = listfile::load(file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
-                for net in nets {
-                    wanted.insert((allow, net));
-                }
-            }
-        }
+        let files = config
+            .list_file_entries()
+            .map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
+        wanted.extend(files);
         let maps = &mut self.enforcer.maps;
+        // Management networks live in their own map, which the kernel checks before any other rule and which
+        // `allow`/`disallow` never touch; new ones written first, so they hold before any list changes, and
+        // dropped ones removed only once every step that can fail has succeeded (a failed reload keeps them).
+        maps.management_add(&config.management)?;
         maps.set_protected_ports(&config.protected_ports)?;
         for class in 0..detector_common::capacity::RATE_CLASSES {
             let limits = match config.rate_classes.iter().find(|r| r.id as u32 == class) {
@@ -473,15 +669,18 @@ impl DaemonState {
         })?;
         let removed: Vec<(bool, IpNet)> = self.config_entries.difference(&wanted).copied().collect();
         let added: Vec<(bool, IpNet)> = wanted.difference(&self.config_entries).copied().collect();
+        // Audited before they are written (write-ahead, like every other change).
+        self.enforcer.audit_config_lists(&added, &removed)?;
+        let maps = &mut self.enforcer.maps;
         for (allow, net) in &removed {
             maps.list_remove(if *allow { List::Allow } else { List::Deny }, *net)?;
         }
         for (allow, net) in &wanted {
             maps.list_insert(if *allow { List::Allow } else { List::Deny }, *net, None)?;
         }
-        self.enforcer.audit_config_lists(&added, &removed)?;
         self.config_entries = wanted;
         save_config_entries(&self.config_entries_path, &self.config_entries)?;
+        self.enforcer.maps.management_sync(&config.management)?;
         self.aging.set_policy(config.aging);
         self.enforcer.set_config(config.clone());
         self.live.configure(&config.fingerprints);
@@ -542,6 +741,54 @@ impl DaemonState {
         Ok(())
     }
 
+    /// Store upkeep, once a second: the journal flushed to the disk, the strikes saved once a minute, the
+    /// journal compacted when it has grown.
+    fn store_tick(&mut self) {
+        self.store_ticks += 1;
+        if self.store_ticks.is_multiple_of(STRIKES_EVERY_TICKS) {
+            self.save_strikes();
+        }
+        let Some(store) = self.enforcer.store_mut() else {
+            return;
+        };
+        let result = store.sync().and_then(|()| {
+            if store.compact_due() {
+                store.compact(store::now_unix_ms()).map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!("state store upkeep: {e}");
+        }
+    }
+
+    /// The model's strikes into the store.
+    fn save_strikes(&mut self) {
+        let now = store::now_unix_ms();
+        let strikes: Vec<StoredStrike> = self
+            .model
+            .model
+            .strikes(clock::monotonic_ns(), MAX_STRIKES)
+            .iter()
+            .map(|s| StoredStrike::from_model(s, now))
+            .collect();
+        if let Some(Err(e)) = self.enforcer.store_mut().map(|st| st.set_strikes(strikes)) {
+            tracing::warn!("saving the model's strikes: {e}");
+        }
+    }
+
+    /// The stored strikes back into the model (daemon start). Returns how many.
+    fn restore_strikes(&mut self) -> usize {
+        let Some(store) = self.enforcer.store() else {
+            return 0;
+        };
+        let now = store::now_unix_ms();
+        let records: Vec<crate::model::Strikes> =
+            store.state().strikes.iter().map(|s| s.to_model(now)).collect();
+        self.model.model.restore_strikes(&records, clock::monotonic_ns())
+    }
+
     /// Kernel ClientHello keys seen for a JA4.
     fn known_keys(&self, target: &FpTarget) -> Vec<u64> {
         match target {
@@ -578,7 +825,7 @@ impl DaemonState {
     fn explain(&self, target: &str) -> Result<Value, ControlError> {
         let now = clock::monotonic_ns();
         let mut protected = self.enforcer.allowlist().unwrap_or_default();
-        protected.extend(self.enforcer.config().management.iter().copied());
+        protected.extend(self.enforcer.guard().management().iter().copied());
         let allowlisted = |a: std::net::IpAddr| protected.iter().any(|n| n.contains(&a));
         let model = &self.model.model;
         let handled: Vec<&crate::model_stage::Handled> = self
@@ -1030,6 +1277,18 @@ impl DaemonState {
         fingerprints["verdicts"] = json!(self.enforcer.fp.by_id.values().filter(|v| v.live(now)).count());
         fingerprints["writes"] = json!(self.enforcer.fp_stats);
         view["fingerprints"] = fingerprints;
+        view["store"] = match self.enforcer.store() {
+            Some(store) => json!({
+                "dir": store.dir(),
+                "entries": store.state().len(),
+                "strikes": store.state().strikes.len(),
+                "stats": store.stats,
+                "restored_at_start": self.enforcer.restored,
+                "programs_loaded_after_start_ms": self.restored_after.0.as_millis() as u64,
+                "restored_after_start_ms": self.restored_after.1.as_millis() as u64,
+            }),
+            None => Value::Null,
+        };
         view["flow_table"] = self
             .flow_table_view(&counters)
             .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;

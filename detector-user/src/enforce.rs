@@ -2,9 +2,13 @@
 //!
 //! Every change (CLI, import, model, config) goes through [`Enforcer`], which
 //! - refuses what would lock the operator out (management networks, allowlisted sources, prefixes shorter than
-//!   the configured minimum) unless forced — and never blocks a management network, forced or not;
+//!   the configured minimum) unless forced — and never touches a management network, forced or not (the
+//!   guard is [`crate::lockout`]; its management networks are the config's and the kernel's);
 //! - spreads expiries with jitter so a bulk import never expires in one second;
-//! - appends every change to the audit log (JSON lines).
+//! - appends every change to the audit log (JSON lines) *before* making it (write-ahead: a kill never leaves a
+//!   kernel change unaudited; a change that then fails gets a following record with outcome `failed`);
+//! - records every change in the state store ([`crate::store`]), from which [`Enforcer::restore_policy`] and
+//!   [`Enforcer::restore_fingerprints`] put it back into fresh maps at start.
 
 use std::{
     fs::{File, OpenOptions},
@@ -24,36 +28,16 @@ use crate::{
         hello_key::key_of_ja4_r,
         live::{FpAction, FpTarget, FpVerdict, FpVerdicts},
     },
-    maps::{KernelMaps, List, MapsError, VerdictMap, action_name, origin_name},
+    lockout::{Guard, LockoutError, MinPrefix, Verb},
+    maps::{KernelMaps, List, MapsError, VerdictMap, action_name, decision_slot, origin_name},
+    store::{self, Remaining, Store, StoreError, StoredDecision, StoredFp, StoredListEntry, UnixMs},
 };
 
 #[derive(Debug, Error)]
 pub enum EnforceError {
-    #[error(
-        "refusing to {action} {target}: it overlaps the management network {network}, which is never blocked"
-    )]
-    Management {
-        action: &'static str,
-        target: IpNet,
-        network: IpNet,
-    },
-    #[error(
-        "refusing to {action} {target}: it overlaps the allowlist entry {entry}; remove that first or use --force"
-    )]
-    Allowlisted {
-        action: &'static str,
-        target: IpNet,
-        entry: IpNet,
-    },
-    #[error(
-        "refusing to {action} {target}: prefixes shorter than /{min} need --force (this one covers {count} addresses)"
-    )]
-    TooBroad {
-        action: &'static str,
-        target: IpNet,
-        min: u8,
-        count: String,
-    },
+    /// Refused by the lockout guard (management, allowlist overlap, minimum prefix).
+    #[error(transparent)]
+    Lockout(#[from] LockoutError),
     #[error("unknown rate class '{0}' (see the rate_classes section of the config)")]
     UnknownClass(String),
     #[error("{0}")]
@@ -73,11 +57,7 @@ impl EnforceError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Self::Management { .. }
-                | Self::Allowlisted { .. }
-                | Self::TooBroad { .. }
-                | Self::UnknownClass(_)
-                | Self::Fingerprint(_)
+            Self::Lockout(_) | Self::UnknownClass(_) | Self::Fingerprint(_)
         ) || matches!(
             self,
             Self::Maps(
@@ -145,6 +125,56 @@ pub struct AuditRecord {
     /// Seconds; None = permanent or not applicable.
     pub ttl: Option<u64>,
     pub reason: String,
+    /// None: the change, written before it is made. Otherwise what became of it (see [`AuditOutcome`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<AuditOutcome>,
+}
+
+/// What a record says beyond "this change is being made".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOutcome {
+    /// The change announced by the previous record for this target did not happen (the reason says why).
+    Failed,
+    /// Put back from the state store at start (after a reboot or into maps of a new layout), with the TTL left.
+    Restored,
+}
+
+impl AuditRecord {
+    /// This record's change did not happen, because of `why`.
+    fn failed(&self, why: &dyn std::fmt::Display) -> Self {
+        Self {
+            time: now_secs(),
+            origin: self.origin.clone(),
+            target: self.target.clone(),
+            action: self.action.clone(),
+            ttl: self.ttl,
+            reason: why.to_string(),
+            outcome: Some(AuditOutcome::Failed),
+        }
+    }
+
+    fn restored(mut self) -> Self {
+        self.outcome = Some(AuditOutcome::Restored);
+        self
+    }
+}
+
+/// What [`Enforcer::restore_policy`] / [`Enforcer::restore_fingerprints`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreReport {
+    pub decisions: usize,
+    pub list_entries: usize,
+    pub fingerprints: usize,
+    /// Already in the kernel (a restart over kept pins): left as they are.
+    pub already_present: usize,
+    /// Expired while the daemon was down: dropped.
+    pub expired: usize,
+    /// Refused by the lockout guard under the current config (a management network added meanwhile, …).
+    pub refused: usize,
+    /// Rejected by the kernel maps (a hand-edited or future record: host bits, an unknown rate class): logged,
+    /// audited as failed and skipped, so one bad record never keeps the daemon from starting.
+    pub failed: usize,
 }
 
 /// Appends JSON lines; opened once, flushed per record.
@@ -172,6 +202,15 @@ impl AuditLog {
             path: path.to_path_buf(),
             file: Some(file),
         })
+    }
+
+    /// Opens the file at the same path again (after logrotate moved it away); on error the old file is kept.
+    pub fn reopen(&mut self) -> Result<(), EnforceError> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        *self = Self::open(&self.path)?;
+        Ok(())
     }
 
     /// An audit log that records nothing (tests, dry tools).
@@ -211,8 +250,14 @@ pub struct Enforcer {
     /// Verdicts by fingerprint (the daemon's table; the kernel holds them by key).
     pub fp: FpVerdicts,
     pub fp_stats: FpWriteStats,
+    /// Durable state (None: not kept, e.g. in tests without a state directory).
+    store: Option<Store>,
+    /// What the last restore did.
+    pub restored: RestoreReport,
     /// Source of jitter: a cheap xorshift, reseeded from the clock (no need for cryptographic randomness).
     jitter_state: u64,
+    /// The lockout guard: the config's management networks and those the kernel holds.
+    guard: Guard,
 }
 
 impl Enforcer {
@@ -222,13 +267,17 @@ impl Enforcer {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             | 1;
+        let guard = guard_for(&maps, &config);
         Self {
             maps,
             audit,
             config,
             fp: FpVerdicts::default(),
             fp_stats: FpWriteStats::default(),
+            store: None,
+            restored: RestoreReport::default(),
             jitter_state: seed,
+            guard,
         }
     }
 
@@ -237,7 +286,67 @@ impl Enforcer {
     }
 
     pub fn set_config(&mut self, config: Config) {
+        self.guard = guard_for(&self.maps, &config);
         self.config = config;
+    }
+
+    /// The lockout guard every change passes (also the fleet's hook: [`Guard::admit_remote`]).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// Keeps every change from now on in `store`.
+    pub fn set_store(&mut self, store: Store) {
+        self.store = Some(store);
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    pub fn store_mut(&mut self) -> Option<&mut Store> {
+        self.store.as_mut()
+    }
+
+    /// Reopens the audit log (SIGHUP, `aqd reload`: logrotate moved it).
+    pub fn reopen_audit(&mut self) -> Result<(), EnforceError> {
+        self.audit.reopen()
+    }
+
+    /// Records a change in the store. A store failure never undoes the change: it applies now, and the warning
+    /// says it would not survive a restart (counted in the store's `write_errors`).
+    fn persist(&mut self, what: &str, write: impl FnOnce(&mut Store) -> Result<(), StoreError>) {
+        if let Some(store) = self.store.as_mut()
+            && let Err(e) = write(store)
+        {
+            tracing::warn!("{e}; the {what} applies now but is not kept across a restart");
+        }
+    }
+
+    fn stored_decision(
+        request: &DecisionRequest,
+        d: &Decision,
+        ttl: Option<Duration>,
+        now: UnixMs,
+    ) -> StoredDecision {
+        StoredDecision {
+            target: request.target,
+            action: request.action,
+            rate_class: d.rate_class,
+            reason: request.reason.clone(),
+            origin: request.origin,
+            force: request.force,
+            set_unix_ms: now,
+            expires_unix_ms: store::expiry_after(ttl, now),
+        }
+    }
+
+    /// Appends the "did not happen" record after a write-ahead record whose change failed.
+    fn audit_failed(&mut self, records: &[AuditRecord], why: &dyn std::fmt::Display) {
+        let failed: Vec<AuditRecord> = records.iter().map(|r| r.failed(why)).collect();
+        if let Err(e) = self.audit.append_all(&failed) {
+            tracing::warn!("{e}: could not mark {} audited change(s) as failed", failed.len());
+        }
     }
 
     /// Applies a decision after the lockout checks.
@@ -260,13 +369,8 @@ impl Enforcer {
     pub fn decide_many(&mut self, requests: &[DecisionRequest]) -> Result<usize, (usize, EnforceError)> {
         let allowlist = self.allowlist().map_err(|e| (0, e))?;
         for (i, request) in requests.iter().enumerate() {
-            self.check_lockout_with(
-                request.target,
-                action_name(Some(request.action)),
-                request.force,
-                &allowlist,
-            )
-            .map_err(|e| (i, e))?;
+            self.check_lockout_with(request.target, request.action.into(), request.force, &allowlist)
+                .map_err(|e| (i, e))?;
         }
         let mut batch = Vec::with_capacity(requests.len());
         // One table lookup per distinct reason, not per entry (an import has one reason for all).
@@ -287,7 +391,6 @@ impl Enforcer {
             batch.push((request.target, decision, ttl));
         }
         let entries: Vec<(IpNet, Decision)> = batch.iter().map(|(net, d, _)| (*net, *d)).collect();
-        self.maps.decision_put_many(&entries).map_err(|e| (0, e.into()))?;
         let records: Vec<AuditRecord> = requests
             .iter()
             .zip(&batch)
@@ -297,6 +400,16 @@ impl Enforcer {
             })
             .collect();
         self.audit.append_all(&records).map_err(|e| (0, e))?;
+        if let Err(e) = self.maps.decision_put_many(&entries) {
+            self.audit_failed(&records, &e);
+            return Err((0, e.into()));
+        }
+        let made: Vec<(&DecisionRequest, Decision, Option<Duration>)> = requests
+            .iter()
+            .zip(&batch)
+            .map(|(r, (_, d, ttl))| (r, *d, *ttl))
+            .collect();
+        self.persist_decisions(&made);
         Ok(requests.len())
     }
 
@@ -316,11 +429,16 @@ impl Enforcer {
         allowlist: &[IpNet],
     ) -> Result<Option<Duration>, EnforceError> {
         let action = action_name(Some(request.action));
-        self.check_lockout_with(request.target, action, request.force, allowlist)?;
+        self.check_lockout_with(request.target, request.action.into(), request.force, allowlist)?;
         let code = self.maps.reason_code(&request.reason)?;
         let (decision, ttl) = self.decision_for(request, code)?;
-        self.maps.decision_put(request.target, decision)?;
-        self.audit(request.origin, request.target, action, ttl, &request.reason)?;
+        let rec = record(request.origin, request.target, action, ttl, &request.reason);
+        self.audit.append(&rec)?;
+        if let Err(e) = self.maps.decision_put(request.target, decision) {
+            self.audit_failed(&[rec], &e);
+            return Err(e.into());
+        }
+        self.persist_decisions(&[(request, decision, ttl)]);
         Ok(ttl)
     }
 
@@ -364,9 +482,20 @@ impl Enforcer {
         origin: Origin,
         reason: &str,
     ) -> Result<bool, EnforceError> {
-        let removed = self.maps.decision_remove(target)?;
-        if removed {
-            self.audit(origin, target, "unblock", None, reason)?;
+        let rec = record(origin, target, "unblock", None, reason);
+        self.audit.append(&rec)?;
+        let removed = self.maps.decision_remove(target);
+        match &removed {
+            Ok(true) => {}
+            Ok(false) => self.audit_failed(&[rec], &"no such decision"),
+            Err(e) => self.audit_failed(&[rec], e),
+        }
+        let removed = removed?;
+        if decision_slot(target).is_some() {
+            self.persist("removal", |s| s.remove_decision(target));
+        } else {
+            // A block on another prefix length lives in the denylist (`KernelMaps::decision_put`): so does its record.
+            self.persist("removal", |s| s.remove_list_entry(List::Deny, target));
         }
         Ok(removed)
     }
@@ -386,11 +515,65 @@ impl Enforcer {
         };
         if list == List::Deny {
             let allowlist = self.allowlist_overlapping(target)?;
-            self.check_lockout_with(target, verb, force, &allowlist)?;
+            self.check_lockout_with(target, Verb::Deny, force, &allowlist)?;
         }
         let ttl = ttl.map(|t| self.jittered(t));
-        self.maps.list_insert(list, target, ttl)?;
-        self.audit(origin, target, verb, ttl, "")
+        let rec = record(origin, target, verb, ttl, "");
+        self.audit.append(&rec)?;
+        if let Err(e) = self.maps.list_insert(list, target, ttl) {
+            self.audit_failed(&[rec], &e);
+            return Err(e.into());
+        }
+        self.persist_list_adds(list, &[(target, ttl)], origin, force);
+        Ok(())
+    }
+
+    /// Keeps decisions where the kernel keeps them: a block on a prefix that is not a decision scope is a
+    /// denylist entry there (`KernelMaps::decision_put`), so it is stored as one, and `undeny` removes both.
+    fn persist_decisions(&mut self, made: &[(&DecisionRequest, Decision, Option<Duration>)]) {
+        let now = store::now_unix_ms();
+        let mut decisions = Vec::with_capacity(made.len());
+        for (request, decision, ttl) in made {
+            if decision_slot(request.target).is_some() {
+                decisions.push(Self::stored_decision(request, decision, *ttl, now));
+            } else {
+                self.persist_list_adds(
+                    List::Deny,
+                    &[(request.target, *ttl)],
+                    request.origin,
+                    request.force,
+                );
+            }
+        }
+        if !decisions.is_empty() {
+            self.persist("decision", |s| s.put_decisions(decisions));
+        }
+    }
+
+    /// Keeps operator list entries (the config's own come back from the config).
+    fn persist_list_adds(
+        &mut self,
+        list: List,
+        added: &[(IpNet, Option<Duration>)],
+        origin: Origin,
+        force: bool,
+    ) {
+        if origin == Origin::Config {
+            return;
+        }
+        let now = store::now_unix_ms();
+        let entries = added
+            .iter()
+            .map(|(target, ttl)| StoredListEntry {
+                list,
+                target: *target,
+                origin,
+                force,
+                set_unix_ms: now,
+                expires_unix_ms: store::expiry_after(*ttl, now),
+            })
+            .collect();
+        self.persist("list entry", |s| s.put_list_entries(entries));
     }
 
     /// Adds many entries to a list with one allowlist snapshot: every entry is checked before any is written
@@ -410,19 +593,27 @@ impl Enforcer {
         if list == List::Deny {
             let allowlist = self.allowlist().map_err(|e| (0, e))?;
             for (i, target) in targets.iter().enumerate() {
-                self.check_lockout_with(*target, verb, force, &allowlist)
+                self.check_lockout_with(*target, Verb::Deny, force, &allowlist)
                     .map_err(|e| (i, e))?;
             }
         }
-        let mut records = Vec::with_capacity(targets.len());
-        for (i, target) in targets.iter().enumerate() {
-            let ttl = ttl.map(|t| self.jittered(t));
-            self.maps
-                .list_insert(list, *target, ttl)
-                .map_err(|e| (i, e.into()))?;
-            records.push(record(origin, *target, verb, ttl, ""));
-        }
+        let added: Vec<(IpNet, Option<Duration>)> = targets
+            .iter()
+            .map(|t| (*t, ttl.map(|t| self.jittered(t))))
+            .collect();
+        let records: Vec<AuditRecord> = added
+            .iter()
+            .map(|(target, ttl)| record(origin, *target, verb, *ttl, ""))
+            .collect();
         self.audit.append_all(&records).map_err(|e| (0, e))?;
+        for (i, (target, ttl)) in added.iter().enumerate() {
+            if let Err(e) = self.maps.list_insert(list, *target, *ttl) {
+                self.audit_failed(&records[i..], &e);
+                self.persist_list_adds(list, &added[..i], origin, force);
+                return Err((i, e.into()));
+            }
+        }
+        self.persist_list_adds(list, &added, origin, force);
         Ok(targets.len())
     }
 
@@ -451,60 +642,43 @@ impl Enforcer {
         self.audit.append_all(&records)
     }
 
+    /// Removes from a list. Removing a management network from the allowlist is refused: it is held in the
+    /// kernel's own map, changed only through `protection.management`.
     pub fn list_remove(&mut self, list: List, target: IpNet, origin: Origin) -> Result<bool, EnforceError> {
-        let removed = self.maps.list_remove(list, target)?;
-        if removed {
-            let verb = match list {
-                List::Allow => "disallow",
-                List::Deny => "undeny",
-            };
-            self.audit(origin, target, verb, None, "")?;
+        if list == List::Allow {
+            self.guard.check_disallow(target)?;
         }
+        let verb = match list {
+            List::Allow => "disallow",
+            List::Deny => "undeny",
+        };
+        let rec = record(origin, target, verb, None, "");
+        self.audit.append(&rec)?;
+        let removed = self.maps.list_remove(list, target);
+        match &removed {
+            Ok(true) => {}
+            Ok(false) => self.audit_failed(&[rec], &"not in that list"),
+            Err(e) => self.audit_failed(&[rec], e),
+        }
+        let removed = removed?;
+        self.persist("list removal", |s| s.remove_list_entry(list, target));
         Ok(removed)
     }
 
-    /// The lockout guard. Management networks are absolute; the allowlist and minimum prefix yield to `force`.
+    /// The lockout guard ([`crate::lockout`]). Management networks are absolute; the allowlist and minimum
+    /// prefix yield to `force`.
     pub fn check_lockout_with(
         &self,
         target: IpNet,
-        action: &'static str,
+        verb: Verb,
         force: bool,
         allowlist: &[IpNet],
     ) -> Result<(), EnforceError> {
-        if let Some(network) = self.config.management.iter().find(|m| overlaps(**m, target)) {
-            return Err(EnforceError::Management {
-                action,
-                target,
-                network: *network,
-            });
-        }
-        if force {
-            return Ok(());
-        }
-        if let Some(entry) = allowlist.iter().find(|e| overlaps(**e, target)) {
-            return Err(EnforceError::Allowlisted {
-                action,
-                target,
-                entry: *entry,
-            });
-        }
-        let (len, min, bits) = match target {
-            IpNet::V4(n) => (n.prefix_len(), self.config.min_block_prefix_v4, 32),
-            IpNet::V6(n) => (n.prefix_len(), self.config.min_block_prefix_v6, 128),
+        let min = MinPrefix {
+            v4: self.config.min_block_prefix_v4,
+            v6: self.config.min_block_prefix_v6,
         };
-        if len < min {
-            let count = match bits - len {
-                s if s >= 64 => format!("2^{s}"),
-                s => (1u64 << s).to_string(),
-            };
-            return Err(EnforceError::TooBroad {
-                action,
-                target,
-                min,
-                count,
-            });
-        }
-        Ok(())
+        Ok(self.guard.check(verb, target, force, allowlist, min)?)
     }
 
     // ---- verdicts by fingerprint ----
@@ -577,6 +751,8 @@ impl Enforcer {
                 verdict.hello_keys.insert(*key);
             }
         }
+        let rec = fp_record(request.origin, &id, request.action.name(), ttl, &verdict.reason);
+        self.audit.append(&rec)?;
         self.fp.by_id.insert(id.clone(), verdict.clone());
         let mut touched: Vec<(VerdictMap, u64)> = Vec::new();
         for v in [Some(&verdict), previous.as_ref()].into_iter().flatten() {
@@ -587,29 +763,40 @@ impl Enforcer {
         }
         touched.sort_unstable();
         touched.dedup();
-        for (map, key) in touched {
-            self.fp_sync_key(map, key)?;
+        for (i, &(map, key)) in touched.iter().enumerate() {
+            if let Err(e) = self.fp_sync_key(map, key) {
+                self.audit_failed(&[rec], &e);
+                // The change failed: the previous verdict stands, in the table, the kernel keys already
+                // written (best effort) and the store, so a restart does not bring the failed one back.
+                match previous {
+                    Some(p) => self.fp.by_id.insert(id.clone(), p),
+                    None => self.fp.by_id.remove(&id),
+                };
+                for &(map, key) in &touched[..i] {
+                    let _ = self.fp_sync_key(map, key);
+                }
+                self.fp_persist(&id);
+                return Err(e);
+            }
         }
-        self.fp_save();
-        self.audit.append(&fp_record(
-            request.origin,
-            &id,
-            request.action.name(),
-            ttl,
-            &verdict.reason,
-        ))?;
+        self.fp_persist(&id);
         Ok(verdict)
     }
 
     /// Removes a verdict by fingerprint (its id, see `FpTarget::id`); `Ok(None)` if there was none.
     pub fn fp_remove(&mut self, id: &str, origin: Origin) -> Result<Option<FpVerdict>, EnforceError> {
-        let Some(old) = self.fp.by_id.remove(id) else {
+        let Some(old) = self.fp.by_id.get(id).cloned() else {
             return Ok(None);
         };
-        self.fp_resync(&old)?;
-        self.fp_save();
-        self.audit
-            .append(&fp_record(origin, id, "unblock", None, &old.reason))?;
+        let rec = fp_record(origin, id, "unblock", None, &old.reason);
+        self.audit.append(&rec)?;
+        self.fp.by_id.remove(id);
+        let synced = self.fp_resync(&old);
+        if let Err(e) = &synced {
+            self.audit_failed(&[rec], e);
+        }
+        self.fp_persist(id);
+        synced?;
         Ok(Some(old))
     }
 
@@ -631,7 +818,7 @@ impl Enforcer {
             _ => return Ok(false),
         }
         self.fp_sync_key(VerdictMap::Hello, key)?;
-        self.fp_save();
+        self.fp_persist(&id);
         tracing::info!(
             ja4,
             key = format_args!("{key:#018x}"),
@@ -680,9 +867,7 @@ impl Enforcer {
         let removed = self.fp.purge_expired(clock::monotonic_ns());
         for v in &removed {
             self.fp_resync(v)?;
-        }
-        if !removed.is_empty() {
-            self.fp_save();
+            self.fp_persist(&v.id);
         }
         Ok(removed.len())
     }
@@ -733,10 +918,18 @@ impl Enforcer {
         Ok(())
     }
 
-    fn fp_save(&self) {
-        if let Err(e) = self.fp.save() {
-            tracing::warn!("saving the fingerprint verdicts: {e}; they apply until the daemon restarts");
-        }
+    /// Keeps the verdict `id` as the table has it now (or its removal), with a wall-clock expiry.
+    fn fp_persist(&mut self, id: &str) {
+        let now = store::now_unix_ms();
+        let stored = self.fp.by_id.get(id).map(|v| StoredFp {
+            verdict: v.clone(),
+            expires_unix_ms: clock::remaining(v.expires_ns)
+                .map(|left| store::expiry_after(Some(left), now).unwrap_or(now)),
+        });
+        self.persist("fingerprint verdict", |s| match stored {
+            Some(f) => s.put_fp(f),
+            None => s.remove_fp(id),
+        });
     }
 
     fn jittered(&mut self, ttl: Duration) -> Duration {
@@ -752,61 +945,217 @@ impl Enforcer {
         ttl.mul_f64(1.0 - spread * unit).max(Duration::from_secs(1))
     }
 
-    fn audit(
-        &mut self,
-        origin: Origin,
-        target: IpNet,
-        action: &str,
-        ttl: Option<Duration>,
-        reason: &str,
-    ) -> Result<(), EnforceError> {
-        self.audit.append(&record(origin, target, action, ttl, reason))
+    // ---- restore from the state store (daemon start) ----
+
+    /// Puts the stored list edits and decisions back into the kernel, each with the TTL it had left (expired ones
+    /// dropped and counted). Management networks are checked against the current config (a network made
+    /// management meanwhile is never blocked again); the allowlist and minimum-prefix guards are not: they
+    /// judged these entries when they were made, and the state they were part of is what comes back (a /24
+    /// decision made before an allowlist entry inside it, for instance). Entries the kernel already holds
+    /// (a restart over kept pins) are left alone; the rest are audited (outcome `restored`) before they are
+    /// written. Call after the config's lists are in.
+    pub fn restore_policy(&mut self) -> Result<RestoreReport, EnforceError> {
+        let mut report = RestoreReport::default();
+        let Some(store) = &self.store else {
+            return Ok(report);
+        };
+        let state = store.state().clone();
+        let now = store::now_unix_ms();
+        let mono = clock::monotonic_ns();
+        let kernel_expiry = |expires: Option<UnixMs>| match store::remaining(expires, now) {
+            Remaining::Permanent => Some((0, None)),
+            Remaining::Left(left) => Some((mono.saturating_add(left.as_nanos() as u64).max(1), Some(left))),
+            Remaining::Expired => None,
+        };
+
+        // List entries, the allowlist first.
+        for list in [List::Allow, List::Deny] {
+            let present: std::collections::HashSet<IpNet> =
+                self.maps.list_entries(list)?.into_iter().map(|e| e.net).collect();
+            let (verb, entries) = match list {
+                List::Allow => ("allow", &state.allow),
+                List::Deny => ("deny", &state.deny),
+            };
+            let mut records = Vec::new();
+            let mut writes = Vec::new();
+            for e in entries.values() {
+                let Some((expires_ns, left)) = kernel_expiry(e.expires_unix_ms) else {
+                    report.expired += 1;
+                    continue;
+                };
+                if present.contains(&e.target) {
+                    report.already_present += 1;
+                    continue;
+                }
+                if list == List::Deny
+                    && let Err(refusal) =
+                        self.check_lockout_with(e.target, crate::lockout::Verb::Deny, true, &[])
+                {
+                    tracing::warn!("not restoring a denylist entry: {refusal}");
+                    report.refused += 1;
+                    continue;
+                }
+                records.push(record(e.origin, e.target, verb, left, "").restored());
+                writes.push((e.target, expires_ns));
+            }
+            self.audit.append_all(&records)?;
+            for (i, (target, expires_ns)) in writes.iter().enumerate() {
+                match self.maps.list_put(list, *target, *expires_ns) {
+                    Ok(()) => report.list_entries += 1,
+                    Err(e) => {
+                        tracing::warn!("not restoring list entry {target}: {e}");
+                        self.audit_failed(&records[i..=i], &e);
+                        report.failed += 1;
+                    }
+                }
+            }
+        }
+
+        // Decisions.
+        let present: std::collections::HashSet<IpNet> =
+            self.maps.decisions()?.into_iter().map(|d| d.net).collect();
+        let mut records = Vec::new();
+        let mut batch = Vec::new();
+        for d in state.decisions.values() {
+            let Some((expires_ns, left)) = kernel_expiry(d.expires_unix_ms) else {
+                report.expired += 1;
+                continue;
+            };
+            if present.contains(&d.target) {
+                report.already_present += 1;
+                continue;
+            }
+            let action = action_name(Some(d.action));
+            if let Err(refusal) =
+                self.check_lockout_with(d.target, crate::lockout::Verb::from(d.action), true, &[])
+            {
+                tracing::warn!("not restoring a decision: {refusal}");
+                report.refused += 1;
+                continue;
+            }
+            let reason = self.maps.reason_code(&d.reason)?;
+            records.push(record(d.origin, d.target, action, left, &d.reason).restored());
+            batch.push((
+                d.target,
+                Decision {
+                    expires_ns,
+                    hits: 0,
+                    action: d.action as u8,
+                    rate_class: d.rate_class,
+                    reason,
+                    origin: d.origin as u8,
+                    _pad: [0; 3],
+                },
+            ));
+        }
+        self.audit.append_all(&records)?;
+        report.decisions = batch.len();
+        if !batch.is_empty() && self.maps.decision_put_many(&batch).is_err() {
+            // One bad record fails the batch: write them one by one, skipping (and counting) the bad ones.
+            for (i, (target, decision)) in batch.iter().enumerate() {
+                if let Err(e) = self.maps.decision_put(*target, *decision) {
+                    tracing::warn!("not restoring the decision on {target}: {e}");
+                    self.audit_failed(&records[i..=i], &e);
+                    report.decisions -= 1;
+                    report.failed += 1;
+                }
+            }
+        }
+        self.restored = RestoreReport {
+            fingerprints: self.restored.fingerprints,
+            expired: self.restored.expired + report.expired,
+            ..report
+        };
+        Ok(report)
+    }
+
+    /// Puts the stored verdicts by fingerprint back into the daemon's table with the time they had left (the
+    /// kernel keys follow with [`Self::fp_reinstall_all`]). Call before the config's fingerprint rules, so an
+    /// unchanged rule keeps its expiry.
+    pub fn restore_fingerprints(&mut self) -> Result<RestoreReport, EnforceError> {
+        let mut report = RestoreReport::default();
+        let Some(store) = &self.store else {
+            return Ok(report);
+        };
+        let stored: Vec<StoredFp> = store.state().fingerprints.values().cloned().collect();
+        let now = store::now_unix_ms();
+        let mono = clock::monotonic_ns();
+        let mut records = Vec::new();
+        for f in stored {
+            let (expires_ns, left) = match store::remaining(f.expires_unix_ms, now) {
+                Remaining::Permanent => (0, None),
+                Remaining::Left(left) => (mono.saturating_add(left.as_nanos() as u64).max(1), Some(left)),
+                Remaining::Expired => {
+                    report.expired += 1;
+                    continue;
+                }
+            };
+            if self.fp.by_id.contains_key(&f.verdict.id) {
+                report.already_present += 1;
+                continue;
+            }
+            let origin = match f.verdict.origin.as_str() {
+                "config" => Origin::Config,
+                "model" => Origin::Model,
+                "import" => Origin::Import,
+                _ => Origin::Cli,
+            };
+            records.push(
+                fp_record(
+                    origin,
+                    &f.verdict.id,
+                    f.verdict.action.name(),
+                    left,
+                    &f.verdict.reason,
+                )
+                .restored(),
+            );
+            self.fp.by_id.insert(
+                f.verdict.id.clone(),
+                FpVerdict {
+                    expires_ns,
+                    ..f.verdict
+                },
+            );
+            report.fingerprints += 1;
+        }
+        // Written before the kernel keys are (fp_reinstall_all follows).
+        self.audit.append_all(&records)?;
+        self.restored.fingerprints = report.fingerprints;
+        self.restored.expired += report.expired;
+        Ok(report)
     }
 }
 
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 fn record(origin: Origin, target: IpNet, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
-    AuditRecord {
-        time: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-        origin: origin_name(Some(origin)).to_string(),
-        target: target.to_string(),
-        action: action.to_string(),
-        ttl: ttl.map(|t| t.as_secs()),
-        reason: reason.to_string(),
-    }
+    fp_record(origin, &target.to_string(), action, ttl, reason)
 }
 
 fn fp_record(origin: Origin, id: &str, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
     AuditRecord {
-        time: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
+        time: now_secs(),
         origin: origin_name(Some(origin)).to_string(),
         target: id.to_string(),
         action: action.to_string(),
         ttl: ttl.map(|t| t.as_secs()),
         reason: reason.to_string(),
+        outcome: None,
     }
 }
 
-/// Whether two networks share any address (one contains the other).
-pub fn overlaps(a: IpNet, b: IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlap_is_symmetric_and_family_aware() {
-        let n = |s: &str| s.parse::<IpNet>().unwrap();
-        assert!(overlaps(n("10.0.0.0/8"), n("10.1.2.3/32")));
-        assert!(overlaps(n("10.1.2.3/32"), n("10.0.0.0/8")));
-        assert!(!overlaps(n("10.0.0.0/8"), n("11.0.0.0/8")));
-        assert!(!overlaps(n("::ffff:10.0.0.0/104"), n("10.0.0.0/8")));
-    }
+/// The guard for `config`'s management networks and those the kernel already holds (pinned by a daemon that
+/// may have been started with another config: the offline CLI must protect them too).
+fn guard_for(maps: &KernelMaps, config: &Config) -> Guard {
+    let kernel = maps.management_entries().unwrap_or_else(|e| {
+        tracing::warn!("reading the kernel's management networks: {e}; guarding the config's only");
+        Vec::new()
+    });
+    Guard::new(config.management.iter().copied().chain(kernel))
 }

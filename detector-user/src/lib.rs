@@ -9,6 +9,8 @@
 //! - [`maps`]: typed access to the kernel maps (the only user of `aya::maps` besides the event reader);
 //! - [`events`]: decodes ring-buffer records;
 //! - [`daemon`]: `aqd run`;
+//! - [`serve`]: the accept loop, connection caps and deadlines the control socket and metrics share;
+//! - [`store`]: durable state under `/var/lib/aqd` (decisions, list edits, fingerprint verdicts, strikes);
 //! - [`paths`], [`clock`]: names and time shared by all of the above.
 
 pub mod aging;
@@ -23,9 +25,12 @@ pub mod events;
 pub mod fingerprint;
 pub mod listfile;
 pub mod loader;
+pub mod lockout;
 pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod model_stage;
 pub mod observe;
 pub mod paths;
+pub mod serve;
+pub mod store;

@@ -189,6 +189,17 @@ pub fn rate_class_limits(
     }
 }
 
+/// An entry a walk found expired (see [`KernelMaps::expired_entries`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiredEntry {
+    ListExact(List, AddrKey),
+    /// List, trie prefix length, key.
+    ListPrefix(List, u32, AddrKey),
+    Verdict(VerdictMap, u64),
+    /// Exact scope (or prefix scope), key.
+    Decision(bool, AddrKey),
+}
+
 /// The two verdict-by-fingerprint maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,6 +227,8 @@ impl CounterTotals {
 }
 
 /// The two maps of one list (exact addresses, prefixes) and their names, for error messages.
+/// Keys of an LPM trie map.
+type TrieKeys = Vec<Key<AddrKey>>;
 type ListMaps<'a> = (
     &'a mut HashMap<MapData, AddrKey, ListEntry>,
     &'a mut LpmTrie<MapData, AddrKey, ListEntry>,
@@ -227,6 +240,8 @@ type ListMaps<'a> = (
 pub struct KernelMaps {
     allow_exact: HashMap<MapData, AddrKey, ListEntry>,
     allow_prefix: LpmTrie<MapData, AddrKey, ListEntry>,
+    /// Management networks: passed by the kernel ahead of every rule; written only by [`Self::management_sync`].
+    management: LpmTrie<MapData, AddrKey, ListEntry>,
     deny_exact: HashMap<MapData, AddrKey, ListEntry>,
     deny_prefix: LpmTrie<MapData, AddrKey, ListEntry>,
     decision_exact: HashMap<MapData, AddrKey, Decision>,
@@ -246,6 +261,8 @@ pub struct KernelMaps {
     policy_gen: Array<MapData, u32>,
     /// Shared limiter state of prefixes throttled at prefix scope.
     prefix_buckets: HashMap<MapData, AddrKey, Bucket>,
+    /// Limiter state of addresses throttled by an exact decision.
+    exact_buckets: HashMap<MapData, AddrKey, Bucket>,
     /// Reason text → code, filled by one scan on first use, then kept in step by `reason_code` (this process
     /// is the writer while it holds the maps).
     reason_cache: Option<std::collections::HashMap<Vec<u8>, u16>>,
@@ -278,6 +295,7 @@ impl KernelMaps {
         Ok(Self {
             allow_exact: typed(n::ALLOW_EXACT, get(n::ALLOW_EXACT)?)?,
             allow_prefix: typed(n::ALLOW_PREFIX, get(n::ALLOW_PREFIX)?)?,
+            management: typed(n::MANAGEMENT, get(n::MANAGEMENT)?)?,
             deny_exact: typed(n::DENY_EXACT, get(n::DENY_EXACT)?)?,
             deny_prefix: typed(n::DENY_PREFIX, get(n::DENY_PREFIX)?)?,
             decision_exact: typed(n::DECISION_EXACT, get(n::DECISION_EXACT)?)?,
@@ -293,6 +311,7 @@ impl KernelMaps {
             flows: typed(n::FLOWS, get(n::FLOWS)?)?,
             policy_gen: typed(n::POLICY_GEN, get(n::POLICY_GEN)?)?,
             prefix_buckets: typed(n::PREFIX_BUCKETS, get(n::PREFIX_BUCKETS)?)?,
+            exact_buckets: typed(n::EXACT_BUCKETS, get(n::EXACT_BUCKETS)?)?,
             reason_cache: None,
         })
     }
@@ -412,6 +431,84 @@ impl KernelMaps {
             });
         }
         Ok(rows)
+    }
+
+    // ---- management networks ----
+
+    /// The management networks the kernel holds (what the guard protects when the config at hand is not the
+    /// one the daemon was started with: the offline CLI).
+    pub fn management_entries(&self) -> Result<Vec<IpNet>, MapsError> {
+        self.management
+            .keys()
+            .map(|key| {
+                let key = key.map_err(|source| MapsError::Map {
+                    name: map_names::MANAGEMENT,
+                    source,
+                })?;
+                Ok(trie_net(&key.data(), key.prefix_len()))
+            })
+            .collect()
+    }
+
+    /// Makes the kernel's management networks exactly `nets` (new ones first, then stale ones removed, so a
+    /// network kept across a reload is never absent). The only writer of `MANAGEMENT`.
+    pub fn management_sync(&mut self, nets: &[IpNet]) -> Result<(), MapsError> {
+        let (wanted, present) = self.management_add_keys(nets)?;
+        let same =
+            |a: &Key<AddrKey>, b: &Key<AddrKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        for key in present.iter().filter(|p| !wanted.iter().any(|w| same(p, w))) {
+            not_found_is_false(
+                self.management
+                    .remove(key)
+                    .map_err(|source| (map_names::MANAGEMENT, source)),
+            )?;
+        }
+        self.policy_changed()
+    }
+
+    /// Adds the management networks `nets`, removing none: a reload writes these first and removes the
+    /// networks it drops only once every other step has succeeded, so a failed reload never loses one.
+    pub fn management_add(&mut self, nets: &[IpNet]) -> Result<(), MapsError> {
+        self.management_add_keys(nets)?;
+        self.policy_changed()
+    }
+
+    /// Inserts `nets` (hit counts kept for networks already there); returns their keys and the keys that were
+    /// present before.
+    fn management_add_keys(&mut self, nets: &[IpNet]) -> Result<(TrieKeys, TrieKeys), MapsError> {
+        let err = |source| MapsError::Map {
+            name: map_names::MANAGEMENT,
+            source,
+        };
+        let wanted: Vec<Key<AddrKey>> = nets
+            .iter()
+            .map(|net| {
+                let (key, trie_len) = match slot_for(*net)? {
+                    Slot::Exact(key) => (key, 128),
+                    Slot::Prefix { key, trie_len } => (key, trie_len),
+                };
+                Ok(Key::new(trie_len, key))
+            })
+            .collect::<Result<_, MapsError>>()?;
+        let present: Vec<Key<AddrKey>> = self.management.keys().collect::<Result<_, _>>().map_err(err)?;
+        let same =
+            |a: &Key<AddrKey>, b: &Key<AddrKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        for key in &wanted {
+            // A trie lookup answers the longest match: keep hits only for this very network.
+            let hits = if present.iter().any(|p| same(p, key)) {
+                self.management.get(key, 0).map(|e| e.hits).unwrap_or(0)
+            } else {
+                0
+            };
+            let entry = ListEntry {
+                expires_ns: 0,
+                hits,
+                prefix_len: key.prefix_len(),
+                _pad: 0,
+            };
+            self.management.insert(key, entry, 0).map_err(err)?;
+        }
+        Ok((wanted, present))
     }
 
     fn list_maps(&mut self, list: List) -> ListMaps<'_> {
@@ -790,6 +887,16 @@ impl KernelMaps {
         self.prefix_buckets.get(&key.prefix_scope(), 0).ok()
     }
 
+    /// The limiter state of `addr` under an exact throttle decision, if one ever limited it (kept apart from
+    /// its `SOURCES` entry, whose own bucket such a decision leaves alone).
+    pub fn exact_bucket(&self, addr: IpAddr) -> Option<Bucket> {
+        let key = match addr {
+            IpAddr::V4(a) => AddrKey::from_v4(a.octets()),
+            IpAddr::V6(a) => AddrKey::from_v6(a.octets()),
+        };
+        self.exact_buckets.get(&key, 0).ok()
+    }
+
     /// Every tracked source seen at or after `since_ns` (monotonic), with its state.
     pub fn sources(&self, since_ns: u64) -> Result<Vec<(IpAddr, SourceState)>, MapsError> {
         let mut out = Vec::new();
@@ -882,44 +989,96 @@ impl KernelMaps {
         }
     }
 
-    /// Deletes expired list entries and decisions (the kernel already ignores them; this frees their slots).
-    /// Returns how many were removed.
+    /// Removes every expired list entry, verdict and decision at once (the offline CLI; the daemon walks with
+    /// [`Self::expired_entries`] on its own handles and removes with [`Self::remove_if_expired`] in small steps).
     pub fn purge_expired(&mut self) -> Result<usize, MapsError> {
         let now = clock::monotonic_ns();
-        let expired = |e: u64| e != 0 && e <= now;
         let mut removed = 0;
-        for list in [List::Allow, List::Deny] {
-            let (exact, prefix, exact_name, prefix_name) = self.list_maps(list);
-            let keys: Vec<AddrKey> = exact
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, e)| expired(e.expires_ns))
-                .map(|(k, _)| k)
-                .collect();
-            for k in keys {
-                removed += not_found_is_false(exact.remove(&k).map_err(|e| (exact_name, e)))? as usize;
-            }
-            let keys: Vec<(u32, AddrKey)> = prefix
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, e)| expired(e.expires_ns))
-                .map(|(k, _)| (k.prefix_len(), k.data()))
-                .collect();
-            for (len, data) in keys {
-                removed +=
-                    not_found_is_false(prefix.remove(&Key::new(len, data)).map_err(|e| (prefix_name, e)))?
-                        as usize;
-            }
-        }
-        for which in [VerdictMap::Syn, VerdictMap::Hello] {
-            let (map, name) = self.verdict_map(which);
-            removed += purge_expired_decisions(map, name, now)?;
-        }
-        for exact_scope in [true, false] {
-            let (map, name) = self.decision_map(exact_scope);
-            removed += purge_expired_decisions(map, name, now)?;
+        for entry in self.expired_entries(now) {
+            removed += self.remove_if_expired(&entry, now)? as usize;
         }
         Ok(removed)
+    }
+
+    /// Every list entry, verdict and decision expired at `now`: a read-only walk (one syscall per entry, two for
+    /// LPM tries), which needs no lock on the writer's state. Unreadable entries are skipped.
+    pub fn expired_entries(&self, now: u64) -> Vec<ExpiredEntry> {
+        let expired = |e: u64| e != 0 && e <= now;
+        let mut out = Vec::new();
+        for (list, exact, prefix) in [
+            (List::Allow, &self.allow_exact, &self.allow_prefix),
+            (List::Deny, &self.deny_exact, &self.deny_prefix),
+        ] {
+            out.extend(
+                exact
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, e)| expired(e.expires_ns))
+                    .map(|(k, _)| ExpiredEntry::ListExact(list, k)),
+            );
+            out.extend(
+                prefix
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, e)| expired(e.expires_ns))
+                    .map(|(k, _)| ExpiredEntry::ListPrefix(list, k.prefix_len(), k.data())),
+            );
+        }
+        for (which, map) in [
+            (VerdictMap::Syn, &self.syn_verdicts),
+            (VerdictMap::Hello, &self.hello_verdicts),
+        ] {
+            out.extend(
+                map.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, d)| expired(d.expires_ns))
+                    .map(|(k, _)| ExpiredEntry::Verdict(which, k)),
+            );
+        }
+        for (exact_scope, map) in [(true, &self.decision_exact), (false, &self.decision_prefix)] {
+            out.extend(
+                map.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, d)| expired(d.expires_ns))
+                    .map(|(k, _)| ExpiredEntry::Decision(exact_scope, k)),
+            );
+        }
+        out
+    }
+
+    /// Removes `entry` if it is (still) expired at `now`: an entry rewritten since the walk that found it is
+    /// kept. False if it was gone or live.
+    pub fn remove_if_expired(&mut self, entry: &ExpiredEntry, now: u64) -> Result<bool, MapsError> {
+        let expired = |e: u64| e != 0 && e <= now;
+        match *entry {
+            ExpiredEntry::ListExact(list, key) => {
+                let (exact, _, name, _) = self.list_maps(list);
+                match exact.get(&key, 0) {
+                    Ok(e) if expired(e.expires_ns) => {
+                        not_found_is_false(exact.remove(&key).map_err(|e| (name, e)))
+                    }
+                    _ => Ok(false),
+                }
+            }
+            ExpiredEntry::ListPrefix(list, len, data) => {
+                let (_, prefix, _, name) = self.list_maps(list);
+                let key = Key::new(len, data);
+                match prefix.get(&key, 0) {
+                    Ok(e) if expired(e.expires_ns) => {
+                        not_found_is_false(prefix.remove(&key).map_err(|e| (name, e)))
+                    }
+                    _ => Ok(false),
+                }
+            }
+            ExpiredEntry::Verdict(which, key) => {
+                let (map, name) = self.verdict_map(which);
+                remove_decision_if_expired(map, name, &key, now)
+            }
+            ExpiredEntry::Decision(exact_scope, key) => {
+                let (map, name) = self.decision_map(exact_scope);
+                remove_decision_if_expired(map, name, &key, now)
+            }
+        }
     }
 
     /// Entries in each map, for fill levels. Walks the maps: O(entries).
@@ -934,6 +1093,11 @@ impl KernelMaps {
                 map_names::ALLOW_PREFIX,
                 self.allow_prefix.keys().count(),
                 capacity::ALLOW_PREFIX,
+            ),
+            (
+                map_names::MANAGEMENT,
+                self.management.keys().count(),
+                capacity::MANAGEMENT,
             ),
             (
                 map_names::DENY_EXACT,
@@ -960,6 +1124,11 @@ impl KernelMaps {
                 map_names::PREFIX_BUCKETS,
                 self.prefix_buckets.keys().count(),
                 capacity::PREFIX_BUCKETS,
+            ),
+            (
+                map_names::EXACT_BUCKETS,
+                self.exact_buckets.keys().count(),
+                capacity::EXACT_BUCKETS,
             ),
             (
                 map_names::SYN_VERDICTS,
@@ -1009,22 +1178,18 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
 
 /// `remove` on a missing key is ENOENT; callers want "was it there".
 /// Removes the expired entries of a map of [`Decision`]s (by address or by fingerprint key); returns how many.
-fn purge_expired_decisions<K: aya::Pod>(
+fn remove_decision_if_expired<K: aya::Pod>(
     map: &mut HashMap<MapData, K, Decision>,
     name: &'static str,
+    key: &K,
     now: u64,
-) -> Result<usize, MapsError> {
-    let keys: Vec<K> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, d)| d.expires_ns != 0 && d.expires_ns <= now)
-        .map(|(k, _)| k)
-        .collect();
-    let mut removed = 0;
-    for k in keys {
-        removed += not_found_is_false(map.remove(&k).map_err(|e| (name, e)))? as usize;
+) -> Result<bool, MapsError> {
+    match map.get(key, 0) {
+        Ok(d) if d.expires_ns != 0 && d.expires_ns <= now => {
+            not_found_is_false(map.remove(key).map_err(|e| (name, e)))
+        }
+        _ => Ok(false),
     }
-    Ok(removed)
 }
 
 fn not_found_is_false(result: Result<(), (&'static str, MapError)>) -> Result<bool, MapsError> {

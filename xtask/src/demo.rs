@@ -477,6 +477,9 @@ impl Lab {
             .arg(&self.config)
             .arg("--pin-root")
             .arg(&self.pin_root)
+            // The durable state stays in the lab's directory too (never /var/lib/aqd).
+            .arg("--state-dir")
+            .arg(self.config.with_file_name("state"))
             .args(args);
         cmd
     }

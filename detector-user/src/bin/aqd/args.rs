@@ -27,6 +27,9 @@ pub struct Cli {
     /// Control socket (overrides daemon.socket) [default: /run/aqd/aqd.sock].
     #[arg(long, global = true, env = "AQD_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Durable state directory (overrides daemon.state_dir) [default: /var/lib/aqd].
+    #[arg(long, global = true, env = "AQD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

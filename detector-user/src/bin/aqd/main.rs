@@ -24,6 +24,7 @@ use detector_user::{
     fingerprint, listfile, loader,
     maps::{KernelMaps, List},
     paths,
+    store::Store,
 };
 use serde_json::{Value, json};
 
@@ -90,6 +91,7 @@ impl Context {
         let overrides = Overrides {
             pin_root: cli.pin_root.clone(),
             socket: cli.socket.clone(),
+            state_dir: cli.state_dir.clone(),
             ..Overrides::default()
         };
         let config = daemon::resolve_config(config_path.as_deref(), &overrides)?;
@@ -105,6 +107,7 @@ impl Context {
         let overrides = Overrides {
             pin_root: cli.pin_root.clone(),
             socket: cli.socket.clone(),
+            state_dir: cli.state_dir.clone(),
             ..Overrides::default()
         };
         let config = daemon::resolve_config(None, &overrides)?;
@@ -135,7 +138,13 @@ impl Context {
             eprintln!("aqd: warning: {e}; this change is not audited");
             AuditLog::disabled()
         });
-        Ok(Enforcer::new(self.maps()?, audit, self.config.clone()))
+        let mut enforcer = Enforcer::new(self.maps()?, audit, self.config.clone());
+        // The same state store as the daemon's, so an offline change survives a reboot too.
+        match Store::open(&self.config.state_dir) {
+            Ok((store, _)) => enforcer.set_store(store),
+            Err(e) => eprintln!("aqd: warning: {e}; this change is not kept across a reboot"),
+        }
+        Ok(enforcer)
     }
 }
 
@@ -165,6 +174,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 stats_interval: a.stats_interval.map(Duration::from_secs),
                 metrics_address: a.metrics_address,
                 audit_log: a.audit_log,
+                state_dir: cli.state_dir,
                 dry_run: a.dry_run,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -253,9 +263,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
             let config = Config::load(&path)?;
-            for file in config.allow_files.iter().chain(&config.deny_files) {
-                listfile::load(file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
-            }
+            config
+                .list_file_entries()
+                .map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
             println!("{}: ok", path.display());
             Ok(())
         }
@@ -432,7 +442,11 @@ fn list_remove(ctx: &Context, list: List, t: &args::TargetArg) -> anyhow::Result
         .is_none()
     {
         offline_notice("editing");
-        if !ctx.offline_enforcer()?.list_remove(list, target, Origin::Cli)? {
+        if !ctx
+            .offline_enforcer()?
+            .list_remove(list, target, Origin::Cli)
+            .map_err(refusal)?
+        {
             let msg = format!("{target} is not in the {}", output::list_name(list));
             return Err(ControlError::new(ErrorKind::NotFound, msg).into());
         }
