@@ -14,7 +14,7 @@ use clap::Args;
 
 use crate::{
     bootstrap,
-    fuzz::{self, Corpus, FUZZ_TARGETS, Limits},
+    fuzz::{self, Corpus, FUZZ_TARGETS, Limits, Sanitizer},
     util,
 };
 
@@ -56,6 +56,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         let limits = Limits {
             seconds: args.fuzz_seconds,
             runs: None,
+            sanitizer: Sanitizer::Address,
         };
         fuzz::run_targets(&FUZZ_TARGETS, limits, Corpus::Scratch)
     };
