@@ -12,6 +12,7 @@
 //! - `control_request`: one line of every request kind, and malformed, wrong-version and unknown-field ones.
 //! - `config_toml`: `packaging/aqd.toml`, the empty config, and small configs with each section and bad values.
 //! - `list_file`: plain lists, a FireHOL `.netset`, an `ipset save`, IPv6, and bad lines.
+//! - `lockout`: management networks of both families against the targets that must be refused or passed.
 //! - `capture`: synthetic pcap files of every supported link type (a client SYN and a ClientHello in each) and a
 //!   pcapng file (section, interface, enhanced and simple packet blocks), truncated and big-endian ones.
 //! - `p0f_db`: `aqd_fuzz::P0F_DB` and small databases with each field form and each kind of refused line.
@@ -64,6 +65,46 @@ fn main() -> anyhow::Result<()> {
     p0f_seeds(&mut Seeds::new(fuzz_dir.join("seeds/p0f_db"))?)?;
     syn_seeds(&mut Seeds::new(fuzz_dir.join("seeds/syn"))?)?;
     hello_key_seeds(&mut Seeds::new(fuzz_dir.join("seeds/hello_key"))?)?;
+    lockout_seeds(&mut Seeds::new(fuzz_dir.join("seeds/lockout"))?)?;
+    Ok(())
+}
+
+/// `lockout`: the refusals of issue 10 — a management /24 (also written IPv4-mapped, and an IPv6 one)
+/// against itself, a host inside it in both spellings, the networks covering it (`::/8`, `::/0`,
+/// `::ffff:0:0/96`, a /16) and neighbours that must pass.
+fn lockout_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let nets = |list: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let parsed: Vec<ipnet::IpNet> = list.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+        Ok(aqd_fuzz::encode_nets(&parsed))
+    };
+    let targets = [
+        "198.19.11.0/24",
+        "::ffff:198.19.11.1/128",
+        "::/8",
+        "::/0",
+        "::ffff:0:0/96",
+        "198.19.0.0/16",
+        "198.19.11.77/32",
+        "198.19.12.0/24",
+        "10.0.0.0/8",
+        "2001:db8::/32",
+        "2001:db8:aa:1::1/128",
+        "0.0.0.0/0",
+    ];
+    for (name, count, management) in [
+        ("v4", 0u8, &["198.19.11.0/24"][..]),
+        ("mapped", 0, &["::ffff:198.19.11.0/120"][..]),
+        (
+            "both-families",
+            2,
+            &["198.19.11.0/24", "2001:db8:aa::/48", "::ffff:198.19.11.0/120"][..],
+        ),
+    ] {
+        let mut input = vec![count];
+        input.extend(nets(management)?);
+        input.extend(nets(&targets)?);
+        seeds.write(name, &input)?;
+    }
     Ok(())
 }
 

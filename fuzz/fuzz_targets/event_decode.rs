@@ -37,7 +37,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let event = match result {
         Err(e) => {
-            assert!(data.len() < layout, "{} bytes of {layout} refused: {e}", data.len());
+            assert!(
+                data.len() < layout,
+                "{} bytes of {layout} refused: {e}",
+                data.len()
+            );
             assert_eq!(
                 e,
                 DecodeError::ShortRecord {
@@ -53,10 +57,16 @@ fuzz_target!(|data: &[u8]| {
     assert!(data.len() >= layout);
     assert_eq!(event.kind(), kind);
     assert_eq!(event.time_ns(), time_ns);
-    assert_eq!(decode(&data[..layout]).as_ref(), Ok(&event), "trailing bytes changed the event");
+    assert_eq!(
+        decode(&data[..layout]).as_ref(),
+        Ok(&event),
+        "trailing bytes changed the event"
+    );
     let flow = match &event {
         Event::Conn { flow, .. } | Event::Drop { flow, .. } => *flow,
-        Event::Payload { flow, data: captured, .. } => {
+        Event::Payload {
+            flow, data: captured, ..
+        } => {
             let offset = std::mem::offset_of!(PayloadEvent, data);
             let declared = usize::from(u16::from_ne_bytes(
                 data[std::mem::offset_of!(PayloadEvent, len)..][..2]

@@ -50,6 +50,10 @@ label = s:unix:Linux:3.x
 sig   = *:64:0:*:mss*10,0:mss:df:0
 ";
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
 /// Most segments taken from one input.
 pub const MAX_SEGMENTS: usize = 64;
 
@@ -126,9 +130,103 @@ impl<'a> Flow<'a> {
     }
 }
 
+/// `lockout` input: networks, one after another until the input ends (at most [`MAX_NETS`]). Each is a tag
+/// byte, then:
+///
+/// ```text
+/// tag % 3 == 0   IPv4: 4 address bytes, 1 byte prefix length (mod 33)
+/// tag % 3 == 1   IPv6: 16 address bytes, 1 byte prefix length (mod 129)
+/// tag % 3 == 2   IPv4-mapped IPv6 (`::ffff:a.b.c.d/96+n`): 4 address bytes, 1 byte n (mod 33)
+/// ```
+///
+/// Host bits are kept as given (the guard must clear them itself).
+pub fn decode_nets(mut data: &[u8]) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    while nets.len() < MAX_NETS {
+        let Some((&tag, rest)) = data.split_first() else {
+            break;
+        };
+        let net = match tag % 3 {
+            1 => {
+                let Some((addr, rest)) = rest.split_first_chunk::<17>() else {
+                    break;
+                };
+                data = rest;
+                let a: [u8; 16] = addr[..16].try_into().expect("16 bytes");
+                Ipv6Net::new(Ipv6Addr::from(a), addr[16] % 129).map(IpNet::V6)
+            }
+            tag => {
+                let Some((addr, rest)) = rest.split_first_chunk::<5>() else {
+                    break;
+                };
+                data = rest;
+                let a = Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]);
+                let len = addr[4] % 33;
+                if tag == 0 {
+                    Ipv4Net::new(a, len).map(IpNet::V4)
+                } else {
+                    Ipv6Net::new(a.to_ipv6_mapped(), 96 + len).map(IpNet::V6)
+                }
+            }
+        };
+        nets.push(net.expect("prefix lengths are reduced to the family's range"));
+    }
+    nets
+}
+
+/// The input that decodes to `nets` (IPv4-mapped IPv6 networks of /96 or longer use the mapped tag).
+pub fn encode_nets(nets: &[IpNet]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for net in nets {
+        match net {
+            IpNet::V4(n) => {
+                out.push(0);
+                out.extend_from_slice(&n.addr().octets());
+                out.push(n.prefix_len());
+            }
+            IpNet::V6(n) => match n.addr().to_ipv4_mapped() {
+                Some(v4) if n.prefix_len() >= 96 => {
+                    out.push(2);
+                    out.extend_from_slice(&v4.octets());
+                    out.push(n.prefix_len() - 96);
+                }
+                _ => {
+                    out.push(1);
+                    out.extend_from_slice(&n.addr().octets());
+                    out.push(n.prefix_len());
+                }
+            },
+        }
+    }
+    out
+}
+
+/// Most networks taken from one `lockout` input.
+pub const MAX_NETS: usize = 24;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nets_encode_then_decode() {
+        let nets: Vec<IpNet> = [
+            "198.19.11.7/24",
+            "::/8",
+            "::ffff:198.19.11.1/128",
+            "2001:db8::1/64",
+            "0.0.0.0/0",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(decode_nets(&encode_nets(&nets)), nets);
+        // A cut-off net ends the list.
+        assert_eq!(
+            decode_nets(&[0, 10, 0, 0, 1, 8, 1, 0]),
+            vec!["10.0.0.1/8".parse::<IpNet>().unwrap()]
+        );
+    }
 
     #[test]
     fn encode_then_decode() {
