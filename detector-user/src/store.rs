@@ -115,7 +115,14 @@ pub enum Corruption {
     },
     #[error("{path}: format {found}; this aqd reads format {FORMAT}")]
     Format { path: PathBuf, found: u32 },
+    #[error("{path} line {line}: sequence number {seq} is beyond any this store writes (damaged or crafted)")]
+    Sequence { path: PathBuf, line: usize, seq: u64 },
 }
+
+/// The highest record sequence number accepted at load. A store writes one number per change, so no real
+/// one gets near it; a damaged or crafted file claiming more is skipped, or the next write's `seq + 1` would
+/// overflow.
+const MAX_SEQ: u64 = 1 << 62;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
@@ -426,6 +433,14 @@ fn read_snapshot(path: &Path, report: &mut LoadReport) -> Result<Option<Snapshot
     };
     let line = text.lines().next().unwrap_or("");
     match parse_line::<Snapshot>(path, 1, line) {
+        Ok(s) if s.seq > MAX_SEQ => {
+            report.problems.push(Corruption::Sequence {
+                path: path.to_path_buf(),
+                line: 1,
+                seq: s.seq,
+            });
+            Ok(None)
+        }
         Ok(s) if s.format == FORMAT => Ok(Some(s)),
         Ok(s) => {
             report.problems.push(Corruption::Format {
@@ -451,6 +466,11 @@ fn read_journal(path: &Path, report: &mut LoadReport) -> Result<Vec<Record>, Sto
             continue;
         }
         match parse_line::<Record>(path, i + 1, line) {
+            Ok(r) if r.seq > MAX_SEQ => report.problems.push(Corruption::Sequence {
+                path: path.to_path_buf(),
+                line: i + 1,
+                seq: r.seq,
+            }),
             Ok(r) => records.push(r),
             Err(e) => report.problems.push(e),
         }
@@ -911,6 +931,39 @@ mod tests {
         let (store, report) = Store::open(&dir).unwrap();
         assert_eq!(store.state(), &expected);
         assert_eq!(report.problems.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sequence_number_past_the_bound_is_skipped_and_writes_go_on() {
+        let dir = temp_dir("seq-bound");
+        let (mut store, _) = Store::open(&dir).unwrap();
+        store.put_decisions(vec![decision("192.0.2.1/32", None)]).unwrap();
+        drop(store);
+        // A line with a correct checksum claiming the last sequence number: applied, the next write's
+        // `seq + 1` would overflow (and a wrapped 0 would be skipped at the next load).
+        let crafted = line_for(&Record {
+            seq: u64::MAX,
+            op: Op::Decision(decision("192.0.2.2/32", None)),
+        });
+        let mut f = OpenOptions::new().append(true).open(dir.join(JOURNAL)).unwrap();
+        f.write_all(&crafted).unwrap();
+        drop(f);
+        let (mut store, report) = Store::open(&dir).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0]
+                .to_string()
+                .contains("line 2: sequence number 18446744073709551615"),
+            "{}",
+            report.problems[0]
+        );
+        assert_eq!(store.state().decisions.len(), 1);
+        store.put_decisions(vec![decision("192.0.2.3/32", None)]).unwrap();
+        let expected = store.state().clone();
+        drop(store);
+        let (store, _) = Store::open(&dir).unwrap();
+        assert_eq!(store.state(), &expected);
         fs::remove_dir_all(&dir).unwrap();
     }
 
