@@ -13,6 +13,7 @@
 //! - `config_toml`: `packaging/aqd.toml`, the empty config, and small configs with each section and bad values.
 //! - `list_file`: plain lists, a FireHOL `.netset`, an `ipset save`, IPv6, and bad lines.
 //! - `lockout`: management networks of both families against the targets that must be refused or passed.
+//! - `store`: a snapshot and a journal of every record kind, and raw damage.
 //! - `capture`: synthetic pcap files of every supported link type (a client SYN and a ClientHello in each) and a
 //!   pcapng file (section, interface, enhanced and simple packet blocks), truncated and big-endian ones.
 //! - `p0f_db`: `aqd_fuzz::P0F_DB` and small databases with each field form and each kind of refused line.
@@ -66,6 +67,28 @@ fn main() -> anyhow::Result<()> {
     syn_seeds(&mut Seeds::new(fuzz_dir.join("seeds/syn"))?)?;
     hello_key_seeds(&mut Seeds::new(fuzz_dir.join("seeds/hello_key"))?)?;
     lockout_seeds(&mut Seeds::new(fuzz_dir.join("seeds/lockout"))?)?;
+    store_seeds(&mut Seeds::new(fuzz_dir.join("seeds/store"))?)?;
+    Ok(())
+}
+
+/// `store`: a snapshot and a journal of every record kind (checksums added by the target), and raw damage.
+fn store_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let snapshot = r#"{"format":1,"seq":2,"saved_unix_ms":5,"state":{"decisions":{"192.0.2.1/32":{"target":"192.0.2.1/32","action":"block","rate_class":0,"reason":"r","origin":"cli","force":false,"set_unix_ms":1,"expires_unix_ms":null}},"allow":{},"deny":{},"fingerprints":{},"strikes":[]}}"#;
+    let journal = [
+        r#"{"seq":1,"op":"decision","target":"192.0.2.9/32","action":"throttle","rate_class":1,"reason":"old","origin":"model","force":false,"set_unix_ms":1,"expires_unix_ms":0}"#,
+        r#"{"seq":3,"op":"list_add","list":"deny","target":"203.0.113.0/24","origin":"import","force":true,"set_unix_ms":1,"expires_unix_ms":10}"#,
+        r#"{"seq":4,"op":"undecide","target":"192.0.2.1/32"}"#,
+        r#"{"seq":5,"op":"strikes","strikes":[]}"#,
+        r#"{"seq":6,"op":"fp_remove","id":"ja4:x"}"#,
+        r#"{"seq":7,"op":"list_remove","list":"deny","target":"203.0.113.0/24"}"#,
+    ]
+    .join("\n");
+    let mut checksummed = vec![1u8];
+    checksummed.extend_from_slice(snapshot.as_bytes());
+    checksummed.push(0);
+    checksummed.extend_from_slice(journal.as_bytes());
+    seeds.write("checksummed", &checksummed)?;
+    seeds.write("raw-damage", b"\0not a snapshot\0deadbeef {\"seq\":1}\n")?;
     Ok(())
 }
 

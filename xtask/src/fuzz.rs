@@ -26,7 +26,7 @@ use clap::Args;
 use crate::{bootstrap, util};
 
 /// The fuzz targets in `fuzz/fuzz_targets/`, one per userspace parser (see the README's "Fuzzing" section).
-pub const FUZZ_TARGETS: [&str; 10] = [
+pub const FUZZ_TARGETS: [&str; 11] = [
     "client_hello",
     "event_decode",
     "control_request",
@@ -37,6 +37,7 @@ pub const FUZZ_TARGETS: [&str; 10] = [
     "syn",
     "hello_key",
     "lockout",
+    "store",
 ];
 /// libFuzzer's `-malloc_limit_mb`: the largest single allocation a target may make. The code under test
 /// never needs more than a few times its 16 KiB reassembly bound or its input.

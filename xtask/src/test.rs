@@ -20,7 +20,7 @@ use crate::{
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Seconds of fuzzing per fuzz target after the tests (0 skips the fuzz step); 20 s × 10 targets.
+    /// Seconds of fuzzing per fuzz target after the tests (0 skips the fuzz step); 20 s × 11 targets.
     #[arg(long, default_value_t = 20)]
     fuzz_seconds: u32,
     /// Passed to `cargo test` after the xtask's own `--`, e.g. `cargo xtask test -- e2e -- --nocapture`.
