@@ -26,6 +26,9 @@ struct Args {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// Open loop: record decisions without enforcing them (the naive bucket watches the same stream).
+    #[arg(long)]
+    open_loop: bool,
     /// Weights file to evaluate (default: the shipped detector-user/src/model/weights.toml).
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
@@ -105,7 +108,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let scs = load(&files)?;
     let mut results = Vec::new();
     for sc in &scs {
-        let r = eval::run(sc, &weights, None);
+        let r = if args.open_loop {
+            eval::run(sc, &weights, None)
+        } else {
+            eval::run_closed(sc, &weights)
+        };
         if !args.json {
             eprintln!(
                 "{}: {} observations, {} decisions, {:.0} s simulated in {:.2} s",
@@ -122,6 +129,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         print!("{}", eval::render(&results));
+        println!();
+        print!("{}", eval::render_families(&results));
     }
     Ok(())
 }
