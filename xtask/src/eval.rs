@@ -1,4 +1,4 @@
-//! `cargo xtask eval [--scenario FILE]... [--json] [--train]`: bootstrap, then run the behavioural model's
+//! `cargo xtask eval [--scenario FILE]... [--families N [--seed S]] [--json] [--train] [--open-loop]`: bootstrap, then run the behavioural model's
 //! evaluation harness (`detector-user`'s `model-eval` example, release mode) on the shipped scenarios
 //! (`scenarios/eval/`) or the given files, closed loop (decisions act on the simulated traffic), and print per
 //! population and per family how fast campaign sources are throttled or blocked, how many campaign requests are
@@ -22,6 +22,15 @@ pub struct EvalArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Draw N scenarios from the documented families with randomized parameters instead of the shipped files.
+    #[arg(long, value_name = "N")]
+    families: Option<usize>,
+    /// Master seed of the --families draw (evaluation and training draw from disjoint seed streams).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// With --families: also print one row per drawn scenario and population.
+    #[arg(long)]
+    per_scenario: bool,
     /// Open loop: record decisions without enforcing them (default: closed loop, decisions act on the traffic).
     #[arg(long)]
     open_loop: bool,
@@ -54,6 +63,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     }
     if args.train {
         cargo.arg("--train");
+    }
+    if let Some(n) = args.families {
+        cargo.arg("--families").arg(n.to_string());
+    }
+    cargo.arg("--seed").arg(args.seed.to_string());
+    if args.per_scenario {
+        cargo.arg("--per-scenario");
     }
     if args.open_loop {
         cargo.arg("--open-loop");

@@ -10,6 +10,7 @@
 //! naive baseline gets its own closed-loop pass (its blocks enforced the same way). Open loop ([`run`], used by
 //! training): decisions are only recorded. Deterministic for a given seed.
 
+pub mod families;
 pub mod scenario;
 
 use std::cmp::Reverse;
@@ -774,7 +775,10 @@ impl World<'_> {
                 let (fp, syn_key) = match shared {
                     Some(fp) => (fp, profile(&p.fingerprint).syn_key),
                     None => {
-                        let syn_key = self.rng.next_u64();
+                        let syn_key = match &p.syn {
+                            Some(name) => profile(name).syn_key,
+                            None => self.rng.next_u64(),
+                        };
                         let id = FingerprintId {
                             ja4: Some(Arc::from(format!("u13d0000h2_{}_{i}", p.name))),
                             syn_key,

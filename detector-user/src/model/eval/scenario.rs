@@ -180,6 +180,10 @@ pub struct Population {
     /// every population naming it (`chrome`, `firefox`, `safari`, `openai-python`, `python-httpx`,
     /// `node-undici`, `go-http`, `curl`, or any other name for a made-up one).
     pub fingerprint: String,
+    /// With `fingerprint = "unique"`: the client profile whose SYN signature every source keeps under its own
+    /// JA4 (uTLS-like rotation: only the TLS layer varies). Default: a random SYN signature per source.
+    #[serde(default)]
+    pub syn: Option<String>,
     /// Mean requests per second per source (for `lockstep`: rounds per second).
     #[serde(default = "d_one")]
     pub rate: f64,
@@ -347,6 +351,13 @@ impl Scenario {
             path: path.to_string(),
             source,
         })?;
+        s.validate(path)?;
+        Ok(s)
+    }
+
+    /// Checks what the types cannot (counts, ranges, references); `path` names the scenario in errors.
+    pub fn validate(&self, path: &str) -> Result<(), ScenarioError> {
+        let s = self;
         for p in &s.populations {
             let bad = |problem: &str| ScenarioError::Invalid {
                 path: path.to_string(),
@@ -377,7 +388,14 @@ impl Scenario {
             if p.prefixes.is_some_and(|n| n == 0 || n > addresses) {
                 return Err(bad("prefixes must be between 1 and the number of addresses"));
             }
+            let np = p.prefixes.unwrap_or(addresses);
+            if p.family == Family::V4 && addresses.div_ceil(np) > 254 {
+                return Err(bad("more than 254 addresses per /24"));
+            }
             if let Some(a) = &p.adapt {
+                if p.family == Family::V4 && a.pool.div_ceil(a.pool_prefixes.unwrap_or(a.pool).max(1)) > 254 {
+                    return Err(bad("adapt: more than 254 pool addresses per /24"));
+                }
                 if a.notice_after == 0 {
                     return Err(bad("adapt.notice_after must be at least 1"));
                 }
@@ -415,7 +433,7 @@ impl Scenario {
                 problem: "rate_class limits must be finite and non-negative (0 = unlimited)".into(),
             });
         }
-        Ok(s)
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
