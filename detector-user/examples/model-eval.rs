@@ -151,8 +151,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         if args.families.is_none() || args.per_scenario {
-            print!("{}", eval::render(&results));
-            println!();
+            print!("{}", eval::render_populations(&results));
         }
         print!("{}", eval::render_families(&results));
         eprintln!(

@@ -1450,6 +1450,11 @@ fn totals(results: &[ScenarioResult]) -> String {
 
 /// The per-population table (one row per scenario and population) and the totals.
 pub fn render(results: &[ScenarioResult]) -> String {
+    render_populations(results) + &totals(results)
+}
+
+/// The per-population table alone.
+pub fn render_populations(results: &[ScenarioResult]) -> String {
     let rows: Vec<Row> = results
         .iter()
         .flat_map(|r| {
@@ -1463,7 +1468,7 @@ pub fn render(results: &[ScenarioResult]) -> String {
             })
         })
         .collect();
-    render_rows(&rows, "scenario") + &totals(results)
+    render_rows(&rows, "scenario")
 }
 
 /// The per-family table (populations of the same `eval_family` and label merged across scenarios) and the totals.
