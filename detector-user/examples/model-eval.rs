@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use detector_user::model::WeightsFile;
-use detector_user::model::eval::{self, Scenario};
+use detector_user::model::eval::{self, Scenario, families};
 use detector_user::model::train;
 
 #[derive(Parser)]
@@ -26,6 +26,23 @@ struct Args {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// Draw this many scenarios from the documented families (detector_user::model::eval::families) instead of
+    /// reading files; prints the per-family table.
+    #[arg(long, value_name = "N")]
+    families: Option<usize>,
+    /// Master seed of the --families draw.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// With --families: also print one row per drawn scenario and population.
+    #[arg(long)]
+    per_scenario: bool,
+    /// With --train: also train on this many scenarios drawn from the families' training seed stream (never
+    /// the evaluation stream).
+    #[arg(long, value_name = "N")]
+    train_families: Option<usize>,
+    /// Open loop: record decisions without enforcing them (the naive bucket watches the same stream).
+    #[arg(long)]
+    open_loop: bool,
     /// Weights file to evaluate (default: the shipped detector-user/src/model/weights.toml).
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
@@ -82,7 +99,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             args.train_scenarios.clone()
         };
-        let scs = load(&files)?;
+        let mut scs = load(&files)?;
+        if let Some(n) = args.train_families {
+            scs.extend(families::draw(n, args.seed, families::Purpose::Train));
+        }
         let t = std::time::Instant::now();
         let (w, log) = train::train(&scs, &weights, args.l2, args.fp_budget);
         let out = args.out.clone().unwrap_or(shipped);
@@ -97,15 +117,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         weights = w;
     }
-    let files = if args.scenarios.is_empty() {
-        toml_files(&root().join("scenarios/eval"))?
+    let scs = if let Some(n) = args.families {
+        families::draw(n, args.seed, families::Purpose::Eval)
     } else {
-        args.scenarios.clone()
+        let files = if args.scenarios.is_empty() {
+            toml_files(&root().join("scenarios/eval"))?
+        } else {
+            args.scenarios.clone()
+        };
+        load(&files)?
     };
-    let scs = load(&files)?;
+    let t0 = std::time::Instant::now();
     let mut results = Vec::new();
     for sc in &scs {
-        let r = eval::run(sc, &weights, None);
+        let r = if args.open_loop {
+            eval::run(sc, &weights, None)
+        } else {
+            eval::run_closed(sc, &weights)
+        };
         if !args.json {
             eprintln!(
                 "{}: {} observations, {} decisions, {:.0} s simulated in {:.2} s",
@@ -121,7 +150,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        print!("{}", eval::render(&results));
+        if args.families.is_none() || args.per_scenario {
+            print!("{}", eval::render_populations(&results));
+        }
+        print!("{}", eval::render_families(&results));
+        eprintln!(
+            "{} scenarios in {:.1} s",
+            results.len(),
+            t0.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -180,6 +180,10 @@ pub struct Population {
     /// every population naming it (`chrome`, `firefox`, `safari`, `openai-python`, `python-httpx`,
     /// `node-undici`, `go-http`, `curl`, or any other name for a made-up one).
     pub fingerprint: String,
+    /// With `fingerprint = "unique"`: the client profile whose SYN signature every source keeps under its own
+    /// JA4 (uTLS-like rotation: only the TLS layer varies). Default: a random SYN signature per source.
+    #[serde(default)]
+    pub syn: Option<String>,
     /// Mean requests per second per source (for `lockstep`: rounds per second).
     #[serde(default = "d_one")]
     pub rate: f64,
@@ -199,6 +203,112 @@ pub struct Population {
     /// Start relative to the release instead of the scenario start.
     #[serde(default)]
     pub at_release: bool,
+    /// Addresses the population's sources share (round-robin): fewer than `sources` puts several clients
+    /// behind one address (carrier-grade NAT, an office). Default: one address per source.
+    #[serde(default)]
+    pub addresses: Option<u32>,
+    /// The evaluation family the population belongs to, for the per-family table (default: its name).
+    #[serde(default)]
+    pub eval_family: Option<String>,
+    /// How the population reacts to decisions (closed loop); default: it does not.
+    #[serde(default)]
+    pub adapt: Option<Adapt>,
+}
+
+/// What a source does once it notices a decision against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reaction {
+    /// Carry on.
+    #[default]
+    None,
+    /// Move to the next fresh address of the population's pool (and, with `rotate_fingerprint`, a fresh JA4).
+    Rotate,
+    /// Multiply the source's request rate by `slow_factor`.
+    Slow,
+    /// Go quiet for `pause_for`, then resume.
+    Pause,
+}
+
+/// A population's adaptation to decisions (the `adapt` table of a population).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adapt {
+    /// A source notices a decision after this many consecutive failed requests (blocked, refused, or delayed
+    /// by more than a second).
+    #[serde(default = "d_notice")]
+    pub notice_after: u32,
+    #[serde(default)]
+    pub on_block: Reaction,
+    #[serde(default)]
+    pub on_throttle: Reaction,
+    /// Fresh addresses the population can rotate to (shared by its sources, each used once).
+    #[serde(default)]
+    pub pool: u32,
+    /// How many fresh prefixes (/24s; /64s inside the population's /48 for IPv6) the pool spreads over
+    /// (default: one per pool address).
+    #[serde(default)]
+    pub pool_prefixes: Option<u32>,
+    /// A rotation also draws a fresh TLS fingerprint (the SYN signature stays).
+    #[serde(default)]
+    pub rotate_fingerprint: bool,
+    #[serde(default = "d_slow")]
+    pub slow_factor: f64,
+    /// Change fingerprint (a fresh JA4, same SYN signature) every this long, counted from the population start.
+    #[serde(default)]
+    pub fingerprint_every: Option<Secs>,
+    /// Pause and resume: every `pause_every` (from the population start) the population goes quiet for
+    /// `pause_for`; `pause_for` is also how long the `pause` reaction lasts.
+    #[serde(default)]
+    pub pause_every: Option<Secs>,
+    #[serde(default = "d_pause")]
+    pub pause_for: Secs,
+}
+
+fn d_notice() -> u32 {
+    3
+}
+fn d_slow() -> f64 {
+    0.5
+}
+fn d_pause() -> Secs {
+    Secs(300.0)
+}
+
+/// What happens to traffic over the throttle rate class: dropped packets turn into a refused request, or into a
+/// delay (TCP retransmits until the limiter lets the request through) and a refusal beyond `max_delay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Over {
+    Refuse,
+    #[default]
+    Delay,
+}
+
+/// The rate class a throttle decision holds a source to (the `rate_class` table of a scenario; defaults are the
+/// shipped `throttle` class of `packaging/aqd.toml`). Limits are per source address, as in the kernel.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateClassSpec {
+    pub packets_per_second: f64,
+    pub packet_burst: f64,
+    pub connections_per_second: f64,
+    pub connection_burst: f64,
+    pub over: Over,
+    pub max_delay: Secs,
+}
+
+impl Default for RateClassSpec {
+    fn default() -> Self {
+        RateClassSpec {
+            packets_per_second: 50.0,
+            packet_burst: 100.0,
+            connections_per_second: 5.0,
+            connection_burst: 10.0,
+            over: Over::Delay,
+            max_delay: Secs(30.0),
+        }
+    }
 }
 
 fn d_conc() -> u32 {
@@ -224,6 +334,9 @@ pub struct Scenario {
     /// A model release, relative to the scenario start.
     #[serde(default)]
     pub release_at: Option<Secs>,
+    /// The throttle rate class the closed loop enforces.
+    #[serde(default)]
+    pub rate_class: RateClassSpec,
     #[serde(rename = "population")]
     pub populations: Vec<Population>,
 }
@@ -238,6 +351,13 @@ impl Scenario {
             path: path.to_string(),
             source,
         })?;
+        s.validate(path)?;
+        Ok(s)
+    }
+
+    /// Checks what the types cannot (counts, ranges, references); `path` names the scenario in errors.
+    pub fn validate(&self, path: &str) -> Result<(), ScenarioError> {
+        let s = self;
         for p in &s.populations {
             let bad = |problem: &str| ScenarioError::Invalid {
                 path: path.to_string(),
@@ -261,11 +381,59 @@ impl Scenario {
             {
                 return Err(bad("a templated size distribution needs values"));
             }
-            if p.prefixes.is_some_and(|n| n == 0 || n > p.sources) {
-                return Err(bad("prefixes must be between 1 and sources"));
+            let addresses = p.addresses.unwrap_or(p.sources);
+            if addresses == 0 || addresses > p.sources {
+                return Err(bad("addresses must be between 1 and sources"));
+            }
+            if p.prefixes.is_some_and(|n| n == 0 || n > addresses) {
+                return Err(bad("prefixes must be between 1 and the number of addresses"));
+            }
+            let np = p.prefixes.unwrap_or(addresses);
+            if p.family == Family::V4 && addresses.div_ceil(np) > 254 {
+                return Err(bad("more than 254 addresses per /24"));
+            }
+            if let Some(a) = &p.adapt {
+                if p.family == Family::V4 && a.pool.div_ceil(a.pool_prefixes.unwrap_or(a.pool).max(1)) > 254 {
+                    return Err(bad("adapt: more than 254 pool addresses per /24"));
+                }
+                if a.notice_after == 0 {
+                    return Err(bad("adapt.notice_after must be at least 1"));
+                }
+                if !(a.slow_factor > 0.0 && a.slow_factor <= 1.0) {
+                    return Err(bad("adapt.slow_factor must be in (0, 1]"));
+                }
+                if a.pool_prefixes.is_some_and(|n| n == 0 || n > a.pool.max(1)) {
+                    return Err(bad("adapt.pool_prefixes must be between 1 and pool"));
+                }
+                if (a.on_block == Reaction::Rotate || a.on_throttle == Reaction::Rotate) && a.pool == 0 {
+                    return Err(bad("the rotate reaction needs adapt.pool fresh addresses"));
+                }
+                if a.fingerprint_every.is_some_and(|e| e.0 < 1.0)
+                    || a.pause_every.is_some_and(|e| e.0 <= a.pause_for.0)
+                {
+                    return Err(bad(
+                        "adapt.fingerprint_every must be at least 1 s and adapt.pause_every longer than pause_for",
+                    ));
+                }
             }
         }
-        Ok(s)
+        let rc = &s.rate_class;
+        if [
+            rc.packets_per_second,
+            rc.packet_burst,
+            rc.connections_per_second,
+            rc.connection_burst,
+        ]
+        .iter()
+        .any(|v| !v.is_finite() || *v < 0.0)
+        {
+            return Err(ScenarioError::Invalid {
+                path: path.to_string(),
+                population: String::new(),
+                problem: "rate_class limits must be finite and non-negative (0 = unlimited)".into(),
+            });
+        }
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
