@@ -256,7 +256,8 @@ async fn put_unblock_replay_and_an_emptied_redis() {
     eprintln!("put propagated to all hosts in {took:?}");
 
     // An operator unblock on h2 removes it everywhere and holds the key against the model.
-    let hold = Some(now + 120_000);
+    let hold_until = now + 120_000;
+    let hold = Some(hold_until);
     let unblock = hs[1]
         .engine
         .record(k1, FleetOrigin::Operator, Op::Del { hold_until_ms: hold });
@@ -265,12 +266,8 @@ async fn put_unblock_replay_and_an_emptied_redis() {
         Published::Applied { .. }
     ));
     wait_for("the unblock on every host", Duration::from_secs(1), || {
-        hs.iter().all(|h| {
-            h.effective(&k1, now)
-                == Effective::Held {
-                    until_ms: hold.unwrap(),
-                }
-        })
+        hs.iter()
+            .all(|h| h.effective(&k1, now) == Effective::Held { until_ms: hold_until })
     })
     .await;
 
@@ -330,10 +327,7 @@ async fn put_unblock_replay_and_an_emptied_redis() {
                 h.resynced(ResyncReason::EpochChanged)
                     && is_block(&h.effective(&k2, now), None)
                     && is_block(&h.effective(&k3, now), exp)
-                    && h.effective(&k1, now)
-                        == Effective::Held {
-                            until_ms: hold.unwrap(),
-                        }
+                    && h.effective(&k1, now) == Effective::Held { until_ms: hold_until }
             })
         },
     )
@@ -342,7 +336,7 @@ async fn put_unblock_replay_and_an_emptied_redis() {
     assert_ne!(hs[0].engine.status().epoch, epoch_before);
     assert_eq!(hs[0].engine.status().outbox_len, 0);
     // After the hold, the model's newer block applies again (the unblock came back with its hold, not lost).
-    let after = hold.unwrap();
+    let after = hold_until;
     assert!(hs.iter().all(|h| is_block(&h.effective(&k1, after), None)));
 }
 
