@@ -10,6 +10,7 @@
 //! - [`events`]: decodes ring-buffer records;
 //! - [`daemon`]: `aqd run`;
 //! - [`serve`]: the accept loop, connection caps and deadlines the control socket and metrics share;
+//! - [`fleet`]: decisions shared across load-balancer hosts through Redis (not wired to the daemon yet);
 //! - [`store`]: durable state under `/var/lib/aqd` (decisions, list edits, fingerprint verdicts, strikes);
 //! - [`paths`], [`clock`]: names and time shared by all of the above.
 
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod enforce;
 pub mod events;
 pub mod fingerprint;
+pub mod fleet;
 pub mod listfile;
 pub mod loader;
 pub mod lockout;

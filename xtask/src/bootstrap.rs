@@ -114,6 +114,11 @@ const DEB_PACKAGES: &[DebPackage] = &[
         purpose: "`nghttpd`, the HTTPS server of the flood benchmark",
     },
     DebPackage {
+        name: "redis-server",
+        version: None,
+        purpose: "the Redis 7.0 server the fleet tests start on loopback (also gives `redis-cli`)",
+    },
+    DebPackage {
         name: "g++",
         version: None,
         purpose: "C++ compiler for libFuzzer (libfuzzer-sys, `cargo fuzz`)",
