@@ -679,3 +679,15 @@ const _: () = assert!(
     core::mem::size_of::<Counters>()
         == 8 * (REASON_COUNT + 3 * event::EVENT_KIND_COUNT + FLOW_COUNTER_COUNT + 1)
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel starts a new `SOURCES` entry by zeroing its work copy word by word (detector-ebpf's
+    /// `mem::zero`), not by copying `SourceState::NEW`: the two must stay the same.
+    #[test]
+    fn new_source_is_all_zero() {
+        assert_eq!(SourceState::NEW, SourceState::default());
+    }
+}
