@@ -65,9 +65,12 @@ pub mod map_names {
     /// The management networks (LPM trie, value [`crate::ListEntry`]): passed ahead of every other rule. Written
     /// only from `protection.management` in the config, never by `allow`/`disallow`.
     pub const MANAGEMENT: &str = "MANAGEMENT";
+    /// Per-CPU state of the kernel's hot path (value [`crate::CpuState`]): the coarse time read at the current
+    /// jiffy, the last ring-buffer wake-up (never read by userspace).
+    pub const CPU_STATE: &str = "CPU_STATE";
 
     /// Every map, for pinning, layout checks and status output.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         ALLOW_EXACT,
         ALLOW_PREFIX,
         DENY_EXACT,
@@ -92,6 +95,7 @@ pub mod map_names {
         CACHE_WORK,
         EXACT_BUCKETS,
         MANAGEMENT,
+        CPU_STATE,
     ];
 }
 
@@ -531,6 +535,23 @@ pub struct CacheWork {
     pub new_source: SourceState,
 }
 
+/// Per-CPU state of the hot path (`CPU_STATE`), keyed to `jiffies` (which the verifier turns into one load):
+/// - `bpf_ktime_get_coarse_ns` only changes when the tick advances `jiffies`, so the coarse time is read by a
+///   helper call once per jiffy per CPU and otherwise taken from `coarse_ns`;
+/// - a CPU forces a ring-buffer wake-up at most once per jiffy (`wakeup_jiffies`): a wake-up is an
+///   inter-processor interrupt (a VM exit in a guest), and a reader that falls behind must not make every
+///   later event pay for one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// `jiffies` when `coarse_ns` was read (0: never).
+    pub coarse_jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` at that jiffy.
+    pub coarse_ns: u64,
+    /// `jiffies` of this CPU's last forced ring-buffer wake-up.
+    pub wakeup_jiffies: u64,
+}
+
 /// Cache-only `SOURCES` entries (for dropped sources) one CPU may create per [`ADMISSION_WINDOW_NS`].
 pub const ADMISSION_PER_WINDOW: u64 = 64;
 /// 1 ms: at most 64,000 new cache-only entries per second per CPU.
@@ -632,6 +653,7 @@ mod pod {
     unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for CachedPolicy {}
     unsafe impl aya::Pod for CacheWork {}
+    unsafe impl aya::Pod for CpuState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ReasonText {}
@@ -650,9 +672,22 @@ const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 const _: () = assert!(core::mem::size_of::<SourceState>() == 72);
 const _: () = assert!(core::mem::size_of::<CachedPolicy>() == 16);
 const _: () = assert!(core::mem::size_of::<CacheWork>() == 88);
+const _: () = assert!(core::mem::size_of::<CpuState>() == 24);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<ReasonText>() == 64);
 const _: () = assert!(
     core::mem::size_of::<Counters>()
         == 8 * (REASON_COUNT + 3 * event::EVENT_KIND_COUNT + FLOW_COUNTER_COUNT + 1)
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel starts a new `SOURCES` entry by zeroing its work copy word by word (detector-ebpf's
+    /// `mem::zero`), not by copying `SourceState::NEW`: the two must stay the same.
+    #[test]
+    fn new_source_is_all_zero() {
+        assert_eq!(SourceState::NEW, SourceState::default());
+    }
+}

@@ -34,6 +34,7 @@ mod egress;
 mod hello;
 mod limits;
 mod maps;
+mod mem;
 mod parse;
 mod tcp;
 
@@ -46,8 +47,7 @@ use aya_ebpf::{
 };
 use detector_common::{
     ADMISSION_PER_WINDOW, ADMISSION_WINDOW_NS, Action, AddrKey, CONFIG_FLAG_PASS_TCP_FRAGMENTS, CacheWork,
-    CachedPolicy, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP, Reason, SourceState, Verdict,
-    policy_flag,
+    CachedPolicy, ListEntry, MAX_EXPIRED_PREFIX_STEPS, PROG_INDEX_TCP, Reason, Verdict, policy_flag,
 };
 
 use account::account;
@@ -100,7 +100,8 @@ fn classify(ctx: &XdpContext, packet: &Packet, config_flags: u32, clock: &mut Cl
         match state {
             Some(s) if cache_valid(&(*s).policy, generation, clock) => (*s).policy,
             _ => {
-                (*work).new_source = SourceState::NEW;
+                // `SourceState::NEW` is all zeros.
+                mem::zero(&raw mut (*work).new_source);
                 walk_policy(src, generation, &mut (*work).new_source.policy, clock);
                 let policy = core::ptr::read_volatile(&(*work).new_source.policy);
                 if let Some(s) = state {

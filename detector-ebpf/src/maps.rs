@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use detector_common::{
-    AddrKey, Bucket, CacheWork, Config, Counters, Decision, FlowState, FlowTuple, HalfOpen, ListEntry,
-    RateClass, ReasonText, Scratch, SourceState, capacity,
+    AddrKey, Bucket, CacheWork, Config, Counters, CpuState, Decision, FlowState, FlowTuple, HalfOpen,
+    ListEntry, RateClass, ReasonText, Scratch, SourceState, capacity,
 };
 
 #[map(name = "ALLOW_EXACT")]
@@ -42,6 +42,10 @@ pub static EXACT_BUCKETS: LruHashMap<AddrKey, Bucket> =
 /// Per-CPU work space of the verdict cache (admission window, the outcome being walked).
 #[map(name = "CACHE_WORK")]
 pub static CACHE_WORK: PerCpuArray<CacheWork> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU state of the hot path: the coarse clock at the current jiffy (`clock.rs`), the last ring-buffer
+/// wake-up (`account.rs`).
+#[map(name = "CPU_STATE")]
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "RATE_CLASSES")]
 pub static RATE_CLASSES: Array<RateClass> = Array::with_max_entries(capacity::RATE_CLASSES, 0);
 /// Non-zero at index `port` when `port` (TCP or UDP destination) is a protected service port.

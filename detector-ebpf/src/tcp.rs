@@ -34,6 +34,7 @@ use crate::{
     csum::{Checksum, tcp_checksum},
     limits::{Budget, LiveDecision, live_decision, track_source},
     maps::{CONFIG, DEFAULT_CONFIG, EVENTS, FLOWS, HALF_OPEN, PROGRAMS, SCRATCH, SYN_VERDICTS},
+    mem::{copy, zero},
     parse::read,
 };
 
@@ -173,7 +174,8 @@ fn signature(ctx: &XdpContext, scratch: &mut Scratch, tcp: &[u8; 20]) {
     let l4 = scratch.l4_offset as usize;
     let frame_len = ctx.data_end() - ctx.data();
     let sig = &mut scratch.syn;
-    *sig = Default::default();
+    // SAFETY: scratch memory; an all-zero signature is `SynSignature::default()`.
+    unsafe { zero(sig) };
     let ip_end = if scratch.ip_version == 4 {
         let Some(h) = read::<[u8; 20]>(ctx, l3) else {
             return;
@@ -458,7 +460,8 @@ fn complete_handshake(
     let now = clock.coarse();
     let throttle = half_open.action == Action::Throttle as u8;
     let state = &mut scratch.new_flow;
-    *state = FlowState::default();
+    // SAFETY: scratch memory; an all-zero flow state is `FlowState::default()`.
+    unsafe { zero(state) };
     state.syn_key = half_open.syn_key;
     state.isn = half_open.client_isn;
     state.first_seen_ns = if half_open.first_seen_ns != 0 {
@@ -762,7 +765,7 @@ fn emit_conn(
                     clock,
                 );
                 (*event).flow = scratch.flow;
-                (*event).syn = scratch.syn;
+                copy(&raw mut (*event).syn, &scratch.syn);
                 (*event).syn_key = key;
                 (*event).action = action;
                 (*event).dropped = dropped as u8;
