@@ -699,13 +699,9 @@ impl DaemonState {
             let id = target.id();
             wanted.insert(id.clone());
             let canonical = rule.canonical();
-            if self
-                .enforcer
-                .fp
-                .by_id
-                .get(&id)
-                .is_some_and(|v| v.origin == "config" && v.config_rule.as_deref() == Some(canonical.as_str()))
-            {
+            if self.enforcer.fp.by_id.get(&id).is_some_and(|v| {
+                v.origin == Origin::Config && v.config_rule.as_deref() == Some(canonical.as_str())
+            }) {
                 continue;
             }
             let known_keys = self.known_keys(&target);
@@ -732,7 +728,7 @@ impl DaemonState {
             .fp
             .by_id
             .values()
-            .filter(|v| v.origin == "config" && !wanted.contains(&v.id))
+            .filter(|v| v.origin == Origin::Config && !wanted.contains(&v.id))
             .map(|v| v.id.clone())
             .collect();
         for id in stale {

@@ -29,7 +29,7 @@ use crate::{
         live::{FpAction, FpTarget, FpVerdict, FpVerdicts},
     },
     lockout::{Guard, LockoutError, MinPrefix, Verb},
-    maps::{KernelMaps, List, MapsError, VerdictMap, action_name, decision_slot, origin_name},
+    maps::{KernelMaps, List, MapsError, VerdictMap, decision_slot},
     store::{self, Remaining, Store, StoreError, StoredDecision, StoredFp, StoredListEntry, UnixMs},
 };
 
@@ -118,7 +118,7 @@ pub struct FpWriteStats {
 pub struct AuditRecord {
     /// Seconds since the Unix epoch.
     pub time: f64,
-    pub origin: String,
+    pub origin: Origin,
     pub target: String,
     /// block, throttle, monitor, unblock, allow, disallow, deny, undeny.
     pub action: String,
@@ -145,7 +145,7 @@ impl AuditRecord {
     fn failed(&self, why: &dyn std::fmt::Display) -> Self {
         Self {
             time: now_secs(),
-            origin: self.origin.clone(),
+            origin: self.origin,
             target: self.target.clone(),
             action: self.action.clone(),
             ttl: self.ttl,
@@ -395,7 +395,7 @@ impl Enforcer {
             .iter()
             .zip(&batch)
             .map(|(request, (_, _, ttl))| {
-                let action = action_name(Some(request.action));
+                let action = request.action.name();
                 record(request.origin, request.target, action, *ttl, &request.reason)
             })
             .collect();
@@ -428,7 +428,7 @@ impl Enforcer {
         request: &DecisionRequest,
         allowlist: &[IpNet],
     ) -> Result<Option<Duration>, EnforceError> {
-        let action = action_name(Some(request.action));
+        let action = request.action.name();
         self.check_lockout_with(request.target, request.action.into(), request.force, allowlist)?;
         let code = self.maps.reason_code(&request.reason)?;
         let (decision, ttl) = self.decision_for(request, code)?;
@@ -716,7 +716,7 @@ impl Enforcer {
             rate_class,
             expires_ns: clock::expiry_from_ttl(ttl),
             reason: request.reason.trim().to_string(),
-            origin: origin_name(Some(request.origin)).to_string(),
+            origin: request.origin,
             set_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -898,12 +898,7 @@ impl Enforcer {
                     action: action as u8,
                     rate_class: v.rate_class,
                     reason,
-                    origin: Origin::from_u8(match v.origin.as_str() {
-                        "config" => Origin::Config as u8,
-                        "model" => Origin::Model as u8,
-                        _ => Origin::Cli as u8,
-                    })
-                    .unwrap_or(Origin::Cli) as u8,
+                    origin: v.origin as u8,
                     _pad: [0; 3],
                 };
                 self.maps.verdict_put(map, key, decision)?;
@@ -1025,7 +1020,7 @@ impl Enforcer {
                 report.already_present += 1;
                 continue;
             }
-            let action = action_name(Some(d.action));
+            let action = d.action.name();
             if let Err(refusal) =
                 self.check_lockout_with(d.target, crate::lockout::Verb::from(d.action), true, &[])
             {
@@ -1094,12 +1089,7 @@ impl Enforcer {
                 report.already_present += 1;
                 continue;
             }
-            let origin = match f.verdict.origin.as_str() {
-                "config" => Origin::Config,
-                "model" => Origin::Model,
-                "import" => Origin::Import,
-                _ => Origin::Cli,
-            };
+            let origin = f.verdict.origin;
             records.push(
                 fp_record(
                     origin,
@@ -1141,7 +1131,7 @@ fn record(origin: Origin, target: IpNet, action: &str, ttl: Option<Duration>, re
 fn fp_record(origin: Origin, id: &str, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
     AuditRecord {
         time: now_secs(),
-        origin: origin_name(Some(origin)).to_string(),
+        origin,
         target: id.to_string(),
         action: action.to_string(),
         ttl: ttl.map(|t| t.as_secs()),

@@ -193,7 +193,9 @@ pub fn render(state: &Mutex<DaemonState>, kernel: &KernelView) -> Result<String,
     let mut by_kind: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for d in maps.decisions().map_err(|e| e.to_string())? {
         if d.remaining_secs != Some(0) {
-            *by_kind.entry((d.action, d.origin)).or_default() += 1;
+            let action = d.action.map_or("unknown", |a| a.name());
+            let origin = d.origin.map_or("unknown", |o| o.name());
+            *by_kind.entry((action, origin)).or_default() += 1;
         }
     }
     for ((action, origin), n) in by_kind {

@@ -22,7 +22,7 @@ use std::{
 };
 
 use detector_common::{
-    Action, SynSignature,
+    Action, Origin, SynSignature,
     flow::{CAPTURE_BYTES, hello_status},
     syn::{SYN_MAX_OPTIONS, option_kind, quirk},
 };
@@ -864,6 +864,15 @@ impl FpAction {
         }
     }
 
+    /// The verdict that applies a kernel action.
+    pub fn from_kernel(action: Action) -> Self {
+        match action {
+            Action::Block => Self::Block,
+            Action::Throttle => Self::Throttle,
+            Action::Monitor => Self::Monitor,
+        }
+    }
+
     /// The kernel action, None for allow.
     pub fn kernel(self) -> Option<Action> {
         match self {
@@ -887,8 +896,8 @@ pub struct FpVerdict {
     pub expires_ns: u64,
     #[serde(default)]
     pub reason: String,
-    /// cli, config, …
-    pub origin: String,
+    /// Who set it (a file written before origins were typed holds the same names).
+    pub origin: Origin,
     /// Unix seconds when set.
     pub set_at: f64,
     #[serde(default)]
@@ -1010,7 +1019,7 @@ impl FpVerdicts {
         let expired: Vec<String> = self
             .by_id
             .values()
-            .filter(|v| !v.live(now_ns) && v.origin != "config")
+            .filter(|v| !v.live(now_ns) && v.origin != Origin::Config)
             .map(|v| v.id.clone())
             .collect();
         expired.iter().filter_map(|id| self.by_id.remove(id)).collect()
@@ -1515,7 +1524,7 @@ mod tests {
             rate_class: 0,
             expires_ns: 0,
             reason: String::new(),
-            origin: "cli".into(),
+            origin: Origin::Cli,
             set_at,
             ja4_r: None,
             syn_text: None,

@@ -382,11 +382,9 @@ fn decide(ctx: &Context, action: &str, a: &DecisionArgs, class: Option<String>) 
             let mut enforcer = ctx.offline_enforcer()?;
             let request = detector_user::enforce::DecisionRequest {
                 target,
-                action: match action {
-                    "block" => detector_common::Action::Block,
-                    "throttle" => detector_common::Action::Throttle,
-                    _ => detector_common::Action::Monitor,
-                },
+                action: action
+                    .parse()
+                    .map_err(|e| ControlError::new(ErrorKind::BadRequest, format!("{e}")))?,
                 class,
                 ttl: a.ttl,
                 permanent: a.permanent,
@@ -603,8 +601,8 @@ fn top(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
             let decision = decisions
                 .iter()
                 .find(|d| d.net.contains(&addr))
-                .map(|d| d.action)
-                .unwrap_or("");
+                .and_then(|d| d.action)
+                .map_or("", |a| a.name());
             json!({
                 "source": addr,
                 "packets_per_s": rate(now.packets, was.packets),
