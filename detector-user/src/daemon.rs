@@ -23,20 +23,25 @@ use anyhow::Context as _;
 use aya::maps::RingBuf;
 use detector_common::{
     Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_REQUEST_EVENTS,
-    Config as ProgramConfig, Origin, Reason, Verdict,
-    event::{EVENT_KIND_COUNT, EventKind},
-    map_names,
+    Config as ProgramConfig, Origin, Reason, Verdict, event::EVENT_KIND_COUNT, map_names,
 };
 use ipnet::IpNet;
-use serde_json::{Value, json};
 
 use crate::{
     aging::{Ager, AgingStats, Baseline, FlowFigures, FlowTables},
     attach::{self, Attached},
     clock,
-    config::{Config, parse_cidr},
-    control::{self, ControlError, ErrorKind, Handler, ImportInto, ListWhat, Request},
-    enforce::{AuditLog, DecisionRequest, EnforceError, Enforcer, FpRequest},
+    config::Config,
+    control::{
+        self, ControlError, ErrorKind, ExplainTarget, Handler, Request, Response,
+        handler::{self, Backend, FpSetArgs},
+        views::{
+            AgingView, DaemonDetails, DaemonView, ExplainView, FingerprintStatus, FlowTableView, FlowsView,
+            FpKind, FpRemovedView, FpRow, FpSetView, FpVerdictView, HalfOpenView, LatencyView, ModelStatus,
+            ScoreTopView, StatusView, StoreView,
+        },
+    },
+    enforce::{AuditLog, DecisionRequest, Enforcer, FpRequest},
     events::{Event, EventReader},
     fingerprint::live::{self, Capture, FpAction, FpTarget, HelloSeen, LiveState, parse_fp},
     loader::{self, LoadOptions},
@@ -799,57 +804,49 @@ impl DaemonState {
         }
     }
 
-    /// Whether a fingerprint (JA4, JA4_r, p0f SYN text, `syn:0x…`, `hello:0x…`) is explicitly allowed: the
-    /// model must never act on it.
     /// `aqd top --by score`.
-    fn score_top(&self, kind: &str, limit: usize) -> Result<Value, ControlError> {
-        let kind = match kind {
-            "source" | "sources" => crate::model::Kind::Source,
-            "prefix" | "prefixes" => crate::model::Kind::Prefix,
-            "fingerprint" | "fingerprints" | "fp" => crate::model::Kind::Fingerprint,
-            other => {
-                return Err(bad(format!(
-                    "unknown kind {other:?}: source, prefix or fingerprint"
-                )));
-            }
-        };
-        let rows = self.model.model.top(kind, limit, clock::monotonic_ns());
-        Ok(json!({ "dry_run": self.model.dry_run, "rows": rows }))
+    fn score_top(&self, kind: crate::model::Kind, limit: usize) -> ScoreTopView {
+        ScoreTopView {
+            dry_run: self.model.dry_run,
+            rows: self.model.model.top(kind, limit, clock::monotonic_ns()),
+        }
     }
 
     /// `aqd explain ADDR|PREFIX|FP`: the model's view plus what the kernel holds and what the stage did.
-    fn explain(&self, target: &str) -> Result<Value, ControlError> {
+    fn explain(&self, target: &ExplainTarget) -> Result<ExplainView, ControlError> {
         let now = clock::monotonic_ns();
+        let text = target.to_string();
         let mut protected = self.enforcer.allowlist().unwrap_or_default();
         protected.extend(self.enforcer.guard().management().iter().copied());
         let allowlisted = |a: std::net::IpAddr| protected.iter().any(|n| n.contains(&a));
         let model = &self.model.model;
-        let handled: Vec<&crate::model_stage::Handled> = self
+        let handled: Vec<crate::model_stage::Handled> = self
             .model
             .recent()
-            .filter(|h| h.decision.scope.to_string().contains(target))
+            .filter(|h| h.decision.scope.to_string().contains(&text))
+            .cloned()
             .collect();
-        let explanation = if let Ok(addr) = target.parse::<std::net::IpAddr>() {
-            let mut e = model.explain_source(addr, now, &protected);
-            if allowlisted(addr)
-                && let Some(e) = e.as_mut()
-            {
-                e.why_not_blocked = Some("allowlisted or in a management network: never decided".into());
+        let explanation = match target {
+            ExplainTarget::Source(addr) => {
+                let mut e = model.explain_source(*addr, now, &protected);
+                if allowlisted(*addr)
+                    && let Some(e) = e.as_mut()
+                {
+                    e.why_not_blocked = Some("allowlisted or in a management network: never decided".into());
+                }
+                e
             }
-            e
-        } else if let Ok(net) = target.parse::<IpNet>() {
-            model.explain_prefix(net.network(), now, &protected)
-        } else {
+            ExplainTarget::Prefix(net) => model.explain_prefix(net.network(), now, &protected),
             // A fingerprint: JA4 text or `syn:0x<key>`; match it against the model's fingerprint clusters.
-            model
+            ExplainTarget::Fingerprint(fp) => model
                 .top(crate::model::Kind::Fingerprint, usize::MAX, now)
                 .into_iter()
                 .find_map(|s| match &s.scope {
-                    crate::model::Scope::Fingerprint(id) if s.scope.to_string().contains(target) => {
+                    crate::model::Scope::Fingerprint(id) if s.scope.to_string().contains(fp.as_str()) => {
                         model.explain_fingerprint(id.key(), now)
                     }
                     crate::model::Scope::Fingerprint(id)
-                        if target
+                        if fp
                             .strip_prefix("syn:0x")
                             .and_then(|k| u64::from_str_radix(k, 16).ok())
                             == Some(id.syn_key) =>
@@ -857,20 +854,20 @@ impl DaemonState {
                         model.explain_fingerprint(id.key(), now)
                     }
                     _ => None,
-                })
+                }),
         };
         if explanation.is_none() && handled.is_empty() {
             return Err(ControlError::new(
                 ErrorKind::NotFound,
-                format!("the model has no record of {target} (not seen, or forgotten after being idle)"),
+                format!("the model has no record of {text} (not seen, or forgotten after being idle)"),
             ));
         }
-        Ok(json!({
-            "target": target,
-            "dry_run": self.model.dry_run,
-            "model": explanation,
-            "decisions": handled,
-        }))
+        Ok(ExplainView {
+            target: text,
+            dry_run: self.model.dry_run,
+            model: explanation,
+            decisions: handled,
+        })
     }
 
     /// Scores and proposes (once a second); model decisions go through the single writer unless dry-run.
@@ -892,6 +889,8 @@ impl DaemonState {
         self.model.tick(now, &mut self.enforcer, &is_allowed);
     }
 
+    /// Whether a fingerprint (JA4, JA4_r, p0f SYN text, `syn:0x…`, `hello:0x…`) is explicitly allowed: the
+    /// model must never act on it.
     pub fn is_allowed(&self, fp: &str) -> bool {
         live::is_allowed(&self.enforcer.fp, &self.live.table, fp, clock::monotonic_ns())
     }
@@ -1044,57 +1043,57 @@ impl DaemonState {
         }
     }
 
-    /// The `fp list` view: every fingerprint seen, and every live verdict on one not seen (yet).
-    pub fn fp_list(&self) -> Value {
+    /// The `fp list` view: every fingerprint seen, and every live verdict on one not seen (yet), busiest first.
+    pub fn fp_list(&self) -> Vec<FpRow> {
         let now = clock::monotonic_ns();
         let verdicts = &self.enforcer.fp;
-        let secs = |t: f64| t as u64;
-        let mut rows: Vec<(u64, Value)> = Vec::new();
+        let hello_keys =
+            |keys: &mut dyn Iterator<Item = u64>| keys.map(|k| format!("hello:{k:#018x}")).collect();
+        let mut rows: Vec<FpRow> = Vec::new();
         let mut shown = std::collections::HashSet::new();
         for e in self.live.table.ja4.values() {
             let id = format!("ja4:{}", e.ja4);
             let v = verdicts.get_live(&id, now);
-            let mut keys = e.kernel_keys.clone();
-            if let Some(v) = v {
-                keys.extend(v.hello_keys.iter().copied());
-            }
-            rows.push((
-                e.connections,
-                json!({
-                    "kind": "ja4",
-                    "fingerprint": e.ja4,
-                    "ja4_r": e.ja4_r,
-                    "kernel_keys": keys.iter().map(|k| format!("hello:{k:#018x}")).collect::<Vec<_>>(),
-                    "connections": e.connections,
-                    "dropped": e.dropped,
-                    "sources": e.sources.count(),
-                    "sources_estimated": e.sources.estimated(),
-                    "first_seen": secs(e.first_seen),
-                    "last_seen": secs(e.last_seen),
-                    "verdict": v.map(|v| v.view()),
-                }),
-            ));
+            let mut keys = e
+                .kernel_keys
+                .iter()
+                .copied()
+                .chain(v.into_iter().flat_map(|v| v.hello_keys.iter().copied()));
+            rows.push(FpRow {
+                kind: FpKind::Ja4,
+                fingerprint: e.ja4.clone(),
+                ja4_r: Some(e.ja4_r.clone()),
+                kernel_keys: hello_keys(&mut keys),
+                key: None,
+                label: None,
+                connections: e.connections,
+                dropped: e.dropped,
+                sources: e.sources.count(),
+                sources_estimated: e.sources.estimated(),
+                first_seen: Some(e.first_seen as u64),
+                last_seen: Some(e.last_seen as u64),
+                verdict: v.map(FpVerdictView::from),
+            });
             shown.insert(id);
         }
         for e in self.live.table.syn.values() {
             let id = format!("syn:{:#018x}", e.key);
             let v = verdicts.get_live(&id, now);
-            rows.push((
-                e.connections,
-                json!({
-                    "kind": "syn",
-                    "fingerprint": e.text,
-                    "key": id,
-                    "label": e.label,
-                    "connections": e.connections,
-                    "dropped": e.dropped,
-                    "sources": e.sources.count(),
-                    "sources_estimated": e.sources.estimated(),
-                    "first_seen": secs(e.first_seen),
-                    "last_seen": secs(e.last_seen),
-                    "verdict": v.map(|v| v.view()),
-                }),
-            ));
+            rows.push(FpRow {
+                kind: FpKind::Syn,
+                fingerprint: e.text.clone(),
+                ja4_r: None,
+                kernel_keys: Vec::new(),
+                key: Some(id.clone()),
+                label: e.label.clone(),
+                connections: e.connections,
+                dropped: e.dropped,
+                sources: e.sources.count(),
+                sources_estimated: e.sources.estimated(),
+                first_seen: Some(e.first_seen as u64),
+                last_seen: Some(e.last_seen as u64),
+                verdict: v.map(FpVerdictView::from),
+            });
             shown.insert(id);
         }
         for v in verdicts
@@ -1102,88 +1101,99 @@ impl DaemonState {
             .values()
             .filter(|v| v.live(now) && !shown.contains(&v.id))
         {
-            let keys: Vec<String> = v.hello_keys.iter().map(|k| format!("hello:{k:#018x}")).collect();
-            let row = if let Some(ja4) = v.id.strip_prefix("ja4:") {
-                json!({ "kind": "ja4", "fingerprint": ja4, "ja4_r": v.ja4_r, "kernel_keys": keys })
+            let (kind, fingerprint, key) = if let Some(ja4) = v.id.strip_prefix("ja4:") {
+                (FpKind::Ja4, ja4.to_string(), None)
             } else if v.id.starts_with("syn:") {
-                json!({
-                    "kind": "syn",
-                    "fingerprint": v.syn_text.clone().unwrap_or_else(|| v.id.clone()),
-                    "key": v.id,
-                    "label": null,
-                })
+                (
+                    FpKind::Syn,
+                    v.syn_text.clone().unwrap_or_else(|| v.id.clone()),
+                    Some(v.id.clone()),
+                )
             } else {
-                json!({ "kind": "ja4", "fingerprint": v.id, "ja4_r": null, "kernel_keys": keys })
+                (FpKind::Ja4, v.id.clone(), None)
             };
-            let mut row = row;
-            for (k, val) in [
-                ("connections", json!(0)),
-                ("dropped", json!(0)),
-                ("sources", json!(0)),
-                ("sources_estimated", json!(false)),
-                ("first_seen", Value::Null),
-                ("last_seen", Value::Null),
-                ("verdict", v.view()),
-            ] {
-                row[k] = val;
-            }
-            rows.push((0, row));
+            rows.push(FpRow {
+                kind,
+                fingerprint,
+                ja4_r: if kind == FpKind::Ja4 {
+                    v.ja4_r.clone()
+                } else {
+                    None
+                },
+                kernel_keys: if kind == FpKind::Ja4 {
+                    hello_keys(&mut v.hello_keys.iter().copied())
+                } else {
+                    Vec::new()
+                },
+                key,
+                label: None,
+                connections: 0,
+                dropped: 0,
+                sources: 0,
+                sources_estimated: false,
+                first_seen: None,
+                last_seen: None,
+                verdict: Some(FpVerdictView::from(v)),
+            });
         }
-        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
-        Value::Array(rows.into_iter().map(|(_, r)| r).collect())
+        rows.sort_by_key(|r| std::cmp::Reverse(r.connections));
+        rows
     }
 
-    fn fp_set(
-        &mut self,
-        fp: &str,
-        action: &str,
-        class: Option<String>,
-        ttl_secs: Option<u64>,
-        permanent: bool,
-        reason: String,
-    ) -> Result<Value, ControlError> {
-        let target = parse_fp(fp, |t| self.live.known_syn(t)).map_err(bad)?;
-        let action = FpAction::parse(action).map_err(bad)?;
-        if permanent && ttl_secs.is_some() {
-            return Err(bad("give either a TTL or permanent, not both"));
-        }
+    fn fp_set(&mut self, args: FpSetArgs) -> Result<FpSetView, ControlError> {
+        let target = parse_fp(&args.fp, |t| self.live.known_syn(t)).map_err(ControlError::bad_request)?;
         let known_keys = self.known_keys(&target);
-        let verdict = self
-            .enforcer
-            .fp_set(&FpRequest {
-                target: target.clone(),
-                action,
-                class,
-                ttl: ttl(ttl_secs)?,
-                permanent,
-                reason,
-                origin: Origin::Cli,
-                known_keys,
-                config_rule: None,
-            })
-            .map_err(enforce_error)?;
+        let action = args.action;
+        let verdict = self.enforcer.fp_set(&FpRequest {
+            target: target.clone(),
+            action,
+            class: args.class,
+            ttl: args.ttl,
+            permanent: args.permanent,
+            reason: args.reason,
+            origin: Origin::Cli,
+            known_keys,
+            config_rule: None,
+        })?;
         let in_kernel = match (&target, action) {
             (_, FpAction::Allow) => false,
             (FpTarget::Syn { .. }, _) => true,
             _ => !verdict.hello_keys.is_empty(),
         };
-        let mut out = json!({
-            "id": verdict.id,
-            "action": action.name(),
-            "ttl_secs": (verdict.expires_ns != 0)
-                .then(|| clock::remaining(verdict.expires_ns).map_or(0, |d| d.as_secs())),
-            "kernel_keys": verdict.hello_keys.iter().map(|k| format!("hello:{k:#018x}")).collect::<Vec<_>>(),
-            "in_kernel": in_kernel,
+        let note = (matches!(target, FpTarget::Ja4 { .. }) && !in_kernel && action != FpAction::Allow).then(|| {
+            "no kernel ClientHello key is known for this JA4 yet: it is installed in the kernel when the first such \
+             ClientHello is seen (until then the daemon acts per flow); give the JA4_r to install it now"
+                .to_string()
         });
-        if let FpTarget::Ja4 { .. } = target
-            && !in_kernel
-            && action != FpAction::Allow
-        {
-            out["note"] = json!(
-                "no kernel ClientHello key is known for this JA4 yet: it is installed in the kernel when the                  first such ClientHello is seen (until then the daemon acts per flow); give the JA4_r to                  install it now"
-            );
+        Ok(FpSetView {
+            id: verdict.id.clone(),
+            action,
+            ttl_secs: (verdict.expires_ns != 0)
+                .then(|| clock::remaining(verdict.expires_ns).map_or(0, |d| d.as_secs())),
+            kernel_keys: verdict
+                .hello_keys
+                .iter()
+                .map(|k| format!("hello:{k:#018x}"))
+                .collect(),
+            in_kernel,
+            note,
+        })
+    }
+
+    fn fp_remove(&mut self, fp: &str) -> Result<FpRemovedView, ControlError> {
+        let target = parse_fp(fp, |t| self.live.known_syn(t)).map_err(ControlError::bad_request)?;
+        let id = target.id();
+        match self.enforcer.fp_remove(&id, Origin::Cli)? {
+            Some(old) => Ok(FpRemovedView {
+                id,
+                removed: true,
+                action: old.action,
+            }),
+            None => Err(ControlError::new(
+                ErrorKind::NotFound,
+                format!("{fp} has no verdict"),
+            )),
         }
-        Ok(out)
     }
 
     /// The flow-table figures (entries walked now; evictions derived, see `FlowFigures`).
@@ -1197,356 +1207,160 @@ impl DaemonState {
         ))
     }
 
-    fn flow_table_view(&self, counters: &crate::maps::CounterTotals) -> std::io::Result<Value> {
+    fn flow_table_view(&self, counters: &crate::maps::CounterTotals) -> std::io::Result<FlowTableView> {
         let f = self.flow_figures(counters)?;
         let policy = self.aging.policy();
-        Ok(json!({
-            "flows": {
-                "entries": f.flows_entries,
-                "capacity": f.flows_capacity,
-                "established": f.established,
-                "reset": f.reset,
-                "fin": f.fin,
-                "aged_idle": f.aged_idle,
-                "aged_closed": f.aged_closed,
-                "evicted": f.evicted,
+        Ok(FlowTableView {
+            flows: FlowsView {
+                entries: f.flows_entries,
+                capacity: f.flows_capacity,
+                established: f.established,
+                reset: f.reset,
+                fin: f.fin,
+                aged_idle: f.aged_idle,
+                aged_closed: f.aged_closed,
+                evicted: f.evicted,
             },
-            "half_open": {
-                "entries": f.half_open_entries,
-                "capacity": f.half_open_capacity,
-                "created": f.half_open_created,
-                "aged": f.half_open_aged,
-                "evicted_at_least": f.half_open_evicted,
+            half_open: HalfOpenView {
+                entries: f.half_open_entries,
+                capacity: f.half_open_capacity,
+                created: f.half_open_created,
+                aged: f.half_open_aged,
+                evicted_at_least: f.half_open_evicted,
             },
-            "aging": {
-                "flow_idle_timeout_secs": policy.flow_idle.as_secs(),
-                "flow_fin_timeout_secs": policy.fin_idle.as_secs(),
-                "half_open_timeout_secs": policy.half_open.as_secs(),
-                "passes": self.aging.passes.load(Ordering::Relaxed),
-                "errors": self.aging.errors.load(Ordering::Relaxed),
+            aging: AgingView {
+                flow_idle_timeout_secs: policy.flow_idle.as_secs(),
+                flow_fin_timeout_secs: policy.fin_idle.as_secs(),
+                half_open_timeout_secs: policy.half_open.as_secs(),
+                passes: self.aging.passes.load(Ordering::Relaxed),
+                errors: self.aging.errors.load(Ordering::Relaxed),
             },
-            "since_daemon_start": self.flow_baseline,
-            "evicted_is": "flows at daemon start + established - reset - aged - flows now (since the daemon started; LRU evictions are not counted by the kernel)",
-        }))
+            since_daemon_start: self.flow_baseline,
+            evicted_is:
+                "flows at daemon start + established - reset - aged - flows now (since the daemon started; \
+                         LRU evictions are not counted by the kernel)"
+                    .into(),
+        })
+    }
+
+    /// The fingerprint pipeline's figures.
+    fn fingerprint_status(&self) -> FingerprintStatus {
+        let live = &self.live;
+        let s = &live.reassembler.stats;
+        let now = clock::monotonic_ns();
+        FingerprintStatus {
+            ja4_tracked: live.table.ja4.len(),
+            syn_tracked: live.table.syn.len(),
+            max_fingerprints: live.settings.max_fingerprints,
+            table_evicted: live.table.evicted,
+            memory_bytes: live.table.memory() + live.reassembler.memory(),
+            flows_tracked: live.reassembler.flows_tracked(),
+            flows_in_progress: live.reassembler.flows_in_progress(),
+            max_flows: live.settings.max_flows,
+            capture_events: s.capture_events,
+            ja4_computed: s.ja4_computed,
+            ja4_failed: s.ja4_failed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            not_tls: s.not_tls,
+            flows_evicted: s.flows_evicted,
+            key_mismatch: s.key_mismatch,
+            p0f_db: live.p0f_path.clone(),
+            p0f_signatures: live.p0f.as_ref().map(|d| d.signatures.len()),
+            p0f_error: live.p0f_error.clone(),
+            escalations: live.escalation.escalations,
+            escalation_sources: live.escalation.tracked(),
+            hello_to_flow_verdict_latency: LatencyView::from(&live.latency),
+            verdicts: self.enforcer.fp.by_id.values().filter(|v| v.live(now)).count(),
+            writes: self.enforcer.fp_stats,
+        }
     }
 
     /// The `status` view.
-    pub fn status(&self) -> Result<Value, ControlError> {
-        let failed = |e: crate::maps::MapsError| ControlError::new(ErrorKind::Failed, e.to_string());
+    pub fn status(&self) -> Result<StatusView, ControlError> {
         let maps = &self.enforcer.maps;
-        let counters = maps.counters().map_err(failed)?;
+        let counters = maps.counters().map_err(ControlError::failed)?;
         let config = self.enforcer.config();
-        let mut view = status_view(maps, &counters, attach::attachments());
-        let read = |k: EventKind| self.events.read[k as usize].load(Ordering::Relaxed);
-        let events_read: serde_json::Map<String, Value> = [
-            EventKind::Conn,
-            EventKind::Drop,
-            EventKind::Payload,
-            EventKind::Request,
-            EventKind::FlowEnd,
-        ]
-        .iter()
-        .map(|k| (k.name().to_string(), json!(read(*k))))
-        .collect();
-        view["daemon"] = json!({
-            "running": true,
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "program_id": self.program_id,
-            "config": self.config_path,
-            "dry_run": config.dry_run,
-            "protected_ports": config.protected_ports,
-            "events_read": events_read,
-            "events_undecodable": self.events.undecodable.load(Ordering::Relaxed),
-            "reloads_ok": self.reloads.ok.load(Ordering::Relaxed),
-            "reloads_failed": self.reloads.failed.load(Ordering::Relaxed),
-        });
-        view["model"] = json!({
-            "dry_run": self.model.dry_run,
-            "stage": self.model.stats(),
-            "feed": self.model.feed.stats(),
-            "flows_tracked": self.model.feed.tracked_flows(),
-            "memory": self.model.model.memory_report(),
-            "stats": self.model.model.stats(),
-        });
-        let mut fingerprints = self.live.status();
-        let now = clock::monotonic_ns();
-        fingerprints["verdicts"] = json!(self.enforcer.fp.by_id.values().filter(|v| v.live(now)).count());
-        fingerprints["writes"] = json!(self.enforcer.fp_stats);
-        view["fingerprints"] = fingerprints;
-        view["store"] = match self.enforcer.store() {
-            Some(store) => json!({
-                "dir": store.dir(),
-                "entries": store.state().len(),
-                "strikes": store.state().strikes.len(),
-                "stats": store.stats,
-                "restored_at_start": self.enforcer.restored,
-                "programs_loaded_after_start_ms": self.restored_after.0.as_millis() as u64,
-                "restored_after_start_ms": self.restored_after.1.as_millis() as u64,
+        Ok(StatusView {
+            daemon: DaemonView {
+                running: true,
+                details: Some(DaemonDetails {
+                    uptime_secs: self.started.elapsed().as_secs(),
+                    program_id: self.program_id,
+                    config: self.config_path.clone(),
+                    dry_run: config.dry_run,
+                    protected_ports: config.protected_ports.clone(),
+                    events_read: handler::by_event_kind(|k| {
+                        self.events.read[k as usize].load(Ordering::Relaxed)
+                    }),
+                    events_undecodable: self.events.undecodable.load(Ordering::Relaxed),
+                    reloads_ok: self.reloads.ok.load(Ordering::Relaxed),
+                    reloads_failed: self.reloads.failed.load(Ordering::Relaxed),
+                }),
+            },
+            pinned_state: None,
+            attachments: attach::attachments(),
+            kernel: Some(handler::kernel_status(maps, &counters)),
+            model: Some(ModelStatus {
+                dry_run: self.model.dry_run,
+                stage: self.model.stats(),
+                feed: self.model.feed.stats(),
+                flows_tracked: self.model.feed.tracked_flows(),
+                memory: self.model.model.memory_report(),
+                stats: self.model.model.stats().clone(),
             }),
-            None => Value::Null,
-        };
-        view["flow_table"] = self
-            .flow_table_view(&counters)
-            .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
-        Ok(view)
+            fingerprints: Some(self.fingerprint_status()),
+            store: self.enforcer.store().map(|store| StoreView {
+                dir: store.dir().to_path_buf(),
+                entries: store.state().len(),
+                strikes: store.state().strikes.len(),
+                stats: store.stats,
+                restored_at_start: self.enforcer.restored,
+                programs_loaded_after_start_ms: self.restored_after.0.as_millis() as u64,
+                restored_after_start_ms: self.restored_after.1.as_millis() as u64,
+            }),
+            flow_table: Some(self.flow_table_view(&counters).map_err(ControlError::failed)?),
+        })
     }
 }
 
-/// Status fields that come from the kernel alone (shared by the daemon and the offline CLI).
-pub fn status_view(
-    maps: &KernelMaps,
-    counters: &crate::maps::CounterTotals,
-    attachments: Vec<attach::Attachment>,
-) -> Value {
-    let verdict_total = |v: Verdict| -> u64 {
-        Reason::ALL
-            .iter()
-            .filter(|r| r.verdict() == v)
-            .map(|r| counters.by_reason[*r as usize])
-            .sum()
-    };
-    let kinds = [
-        EventKind::Conn,
-        EventKind::Drop,
-        EventKind::Payload,
-        EventKind::Request,
-        EventKind::FlowEnd,
-    ];
-    json!({
-        "attachments": attachments,
-        "packets": counters.packets(),
-        "passed": verdict_total(Verdict::Pass),
-        "dropped": verdict_total(Verdict::Drop),
-        "reasons": Reason::ALL.iter().map(|r| (r.name().to_string(), json!(counters.by_reason[*r as usize]))).collect::<serde_json::Map<_, _>>(),
-        "events_sent": kinds.iter().map(|k| (k.name().to_string(), json!(counters.events_sent[*k as usize]))).collect::<serde_json::Map<_, _>>(),
-        "events_lost": kinds.iter().map(|k| (k.name().to_string(), json!(counters.events_lost[*k as usize]))).collect::<serde_json::Map<_, _>>(),
-        "maps": maps.fill_levels().iter().map(|(n, used, cap)| json!({"name": n, "entries": used, "capacity": cap})).collect::<Vec<_>>(),
-    })
-}
-
-/// The `list` view (shared by the daemon and the offline CLI).
-pub fn list_view(maps: &KernelMaps, what: ListWhat) -> Result<Value, crate::maps::MapsError> {
-    let want = |w: ListWhat| what == ListWhat::All || what == w;
-    let mut lists = Vec::new();
-    if want(ListWhat::Allow) {
-        lists.extend(maps.list_entries(List::Allow)?);
+/// The daemon behind the one request handler: the enforcer plus the fingerprint table, the model and the config.
+impl Backend for DaemonState {
+    fn enforcer(&mut self) -> &mut Enforcer {
+        &mut self.enforcer
     }
-    if want(ListWhat::Deny) {
-        lists.extend(maps.list_entries(List::Deny)?);
+
+    fn status(&mut self) -> Result<StatusView, ControlError> {
+        DaemonState::status(self)
     }
-    let decisions = if want(ListWhat::Decisions) {
-        maps.decisions()?
-    } else {
-        Vec::new()
-    };
-    Ok(json!({ "lists": lists, "decisions": decisions }))
-}
 
-fn bad(message: impl Into<String>) -> ControlError {
-    ControlError::new(ErrorKind::BadRequest, message)
-}
-
-fn enforce_error(e: EnforceError) -> ControlError {
-    let kind = if e.is_refusal() {
-        ErrorKind::Refused
-    } else {
-        ErrorKind::Failed
-    };
-    ControlError::new(kind, e.to_string())
-}
-
-fn parse_action(action: &str) -> Result<Action, ControlError> {
-    match action {
-        "block" => Ok(Action::Block),
-        "throttle" => Ok(Action::Throttle),
-        "monitor" => Ok(Action::Monitor),
-        other => Err(bad(format!(
-            "unknown action '{other}' (block, throttle or monitor)"
-        ))),
+    fn fp_list(&mut self) -> Result<Vec<FpRow>, ControlError> {
+        Ok(DaemonState::fp_list(self))
     }
-}
 
-fn ttl(secs: Option<u64>) -> Result<Option<Duration>, ControlError> {
-    match secs {
-        Some(0) => Err(bad("ttl_secs must be positive")),
-        other => Ok(other.map(Duration::from_secs)),
+    fn fp_set(&mut self, args: FpSetArgs) -> Result<FpSetView, ControlError> {
+        DaemonState::fp_set(self, args)
+    }
+
+    fn fp_remove(&mut self, fp: &str) -> Result<FpRemovedView, ControlError> {
+        DaemonState::fp_remove(self, fp)
+    }
+
+    fn score_top(&mut self, kind: crate::model::Kind, limit: usize) -> Result<ScoreTopView, ControlError> {
+        Ok(DaemonState::score_top(self, kind, limit))
+    }
+
+    fn explain(&mut self, target: &ExplainTarget) -> Result<ExplainView, ControlError> {
+        DaemonState::explain(self, target)
+    }
+
+    fn reload(&mut self) -> Result<(), ControlError> {
+        DaemonState::reload(self)
+            .map_err(|e| ControlError::bad_request(format!("reload rejected, running config kept: {e:#}")))
     }
 }
 
 impl Handler for DaemonState {
-    fn handle(&mut self, request: Request) -> Result<Value, ControlError> {
-        match request {
-            Request::Status {} => self.status(),
-            Request::List { what } => list_view(&self.enforcer.maps, what)
-                .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string())),
-            Request::Decide {
-                target,
-                action,
-                class,
-                ttl_secs,
-                permanent,
-                reason,
-                force,
-            } => {
-                let request = DecisionRequest {
-                    target: parse_cidr(&target).map_err(bad)?,
-                    action: parse_action(&action)?,
-                    class,
-                    ttl: ttl(ttl_secs)?,
-                    permanent,
-                    reason,
-                    origin: Origin::Cli,
-                    force,
-                };
-                let applied = self.enforcer.decide(&request).map_err(enforce_error)?;
-                Ok(
-                    json!({ "target": request.target, "action": action, "ttl_secs": applied.map(|t| t.as_secs()) }),
-                )
-            }
-            Request::Remove { target } => {
-                let target = parse_cidr(&target).map_err(bad)?;
-                if self
-                    .enforcer
-                    .remove_decision(target, Origin::Cli, "")
-                    .map_err(enforce_error)?
-                {
-                    Ok(json!({ "target": target, "removed": true }))
-                } else {
-                    Err(ControlError::new(
-                        ErrorKind::NotFound,
-                        format!("{target} has no decision"),
-                    ))
-                }
-            }
-            Request::ListAdd {
-                list,
-                target,
-                ttl_secs,
-                force,
-            } => {
-                let target = parse_cidr(&target).map_err(bad)?;
-                self.enforcer
-                    .list_add(list, target, ttl(ttl_secs)?, Origin::Cli, force)
-                    .map_err(enforce_error)?;
-                Ok(json!({ "target": target, "list": list }))
-            }
-            Request::ListRemove { list, target } => {
-                let target = parse_cidr(&target).map_err(bad)?;
-                if self
-                    .enforcer
-                    .list_remove(list, target, Origin::Cli)
-                    .map_err(enforce_error)?
-                {
-                    Ok(json!({ "target": target, "list": list, "removed": true }))
-                } else {
-                    Err(ControlError::new(
-                        ErrorKind::NotFound,
-                        format!("{target} is not in that list"),
-                    ))
-                }
-            }
-            Request::Import {
-                into,
-                entries,
-                ttl_secs,
-                reason,
-                force,
-            } => self.import(into, &entries, ttl(ttl_secs)?, reason, force),
-            Request::FpList {} => Ok(self.fp_list()),
-            Request::ScoreTop { kind, limit } => self.score_top(&kind, limit.unwrap_or(20)),
-            Request::Explain { target } => self.explain(&target),
-            Request::FpSet {
-                fp,
-                action,
-                class,
-                ttl_secs,
-                permanent,
-                reason,
-            } => self.fp_set(&fp, &action, class, ttl_secs, permanent, reason),
-            Request::FpRemove { fp } => {
-                let target = parse_fp(&fp, |t| self.live.known_syn(t)).map_err(bad)?;
-                let id = target.id();
-                match self.enforcer.fp_remove(&id, Origin::Cli).map_err(enforce_error)? {
-                    Some(old) => Ok(json!({ "id": id, "removed": true, "action": old.action.name() })),
-                    None => Err(ControlError::new(
-                        ErrorKind::NotFound,
-                        format!("{fp} has no verdict"),
-                    )),
-                }
-            }
-            Request::Reload {} => self.reload().map(|()| json!({ "reloaded": true })).map_err(|e| {
-                ControlError::new(
-                    ErrorKind::BadRequest,
-                    format!("reload rejected, running config kept: {e:#}"),
-                )
-            }),
-        }
-    }
-}
-
-impl DaemonState {
-    fn import(
-        &mut self,
-        into: ImportInto,
-        entries: &[String],
-        ttl: Option<Duration>,
-        reason: String,
-        force: bool,
-    ) -> Result<Value, ControlError> {
-        let started = Instant::now();
-        let mut nets = Vec::with_capacity(entries.len());
-        let mut errors = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            match parse_cidr(entry) {
-                Ok(net) => nets.push(net),
-                Err(e) if errors.len() < 10 => errors.push(format!("entry {}: {e}", i + 1)),
-                Err(_) => {}
-            }
-        }
-        if !errors.is_empty() {
-            return Err(bad(format!(
-                "nothing imported; bad entries:\n{}",
-                errors.join("\n")
-            )));
-        }
-        let applied = match into {
-            ImportInto::Block => {
-                let requests: Vec<DecisionRequest> = nets
-                    .iter()
-                    .map(|&target| DecisionRequest {
-                        target,
-                        action: Action::Block,
-                        class: None,
-                        ttl,
-                        permanent: false,
-                        reason: reason.clone(),
-                        origin: Origin::Import,
-                        force,
-                    })
-                    .collect();
-                self.enforcer.decide_many(&requests).map_err(|(i, e)| {
-                    let mut err = enforce_error(e);
-                    err.message = format!("entry {} ({}): {}; nothing imported", i + 1, nets[i], err.message);
-                    err
-                })?
-            }
-            ImportInto::Allow | ImportInto::Deny => {
-                let list = if into == ImportInto::Allow {
-                    List::Allow
-                } else {
-                    List::Deny
-                };
-                self.enforcer
-                    .list_add_many(list, &nets, ttl, Origin::Import, force)
-                    .map_err(|(i, e)| {
-                        let mut err = enforce_error(e);
-                        err.message =
-                            format!("entry {} ({}): {}; nothing imported", i + 1, nets[i], err.message);
-                        err
-                    })?
-            }
-        };
-        Ok(json!({ "imported": applied, "seconds": started.elapsed().as_secs_f64() }))
+    fn handle(&mut self, request: Request) -> Result<Response, ControlError> {
+        handler::handle(self, request)
     }
 }
 

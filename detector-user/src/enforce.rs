@@ -101,7 +101,7 @@ pub struct FpRequest {
 }
 
 /// Fingerprint-verdict counters of the writer (status and metrics).
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FpWriteStats {
     /// Writes of a verdict into SYN_VERDICTS / HELLO_VERDICTS.
     pub verdict_installs: u64,
@@ -161,7 +161,7 @@ impl AuditRecord {
 }
 
 /// What [`Enforcer::restore_policy`] / [`Enforcer::restore_fingerprints`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestoreReport {
     pub decisions: usize,
     pub list_entries: usize,

@@ -62,6 +62,16 @@ pub enum List {
     Deny,
 }
 
+impl List {
+    /// `allowlist` / `denylist`, as messages say it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Allow => "allowlist",
+            Self::Deny => "denylist",
+        }
+    }
+}
+
 /// Converts a CIDR to its map slot, rejecting host bits set (a typo more often than intent).
 pub fn slot_for(net: IpNet) -> Result<Slot, MapsError> {
     if net.trunc() != net {

@@ -22,7 +22,7 @@ use detector_common::Origin;
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Counters for `aqd status` and metrics.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct StageStats {
     pub ticks: u64,
     /// Ring events stamped before this daemon started (sent while no daemon read the ring): not fed to the
@@ -43,7 +43,7 @@ pub struct StageStats {
 }
 
 /// One decision the stage handled, for `aqd explain` and the log.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Handled {
     pub decision: ProposedDecision,
     /// `applied`, `dry_run`, `refused: …`, `skipped: fingerprint allowed`.

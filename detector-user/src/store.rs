@@ -315,7 +315,7 @@ pub struct LoadReport {
 }
 
 /// Counters for status and metrics.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct StoreStats {
     pub records_written: u64,
     pub write_errors: u64,

@@ -36,7 +36,7 @@ use super::{
     reassembly::{Scan, StreamBuffer, first_client_hello},
     syn::{estimated_header_len, signature_text},
 };
-use crate::{clock, events::Flow};
+use crate::events::Flow;
 
 /// Distinct sources counted exactly per fingerprint before switching to a sketch.
 pub const EXACT_SOURCES: usize = 64;
@@ -921,18 +921,6 @@ impl FpVerdict {
     pub fn syn_key(&self) -> Option<u64> {
         self.id.strip_prefix("syn:").and_then(|k| parse_key(k, "").ok())
     }
-
-    /// The JSON `verdict` object of `fp list`.
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "action": self.action.name(),
-            "expires_in_secs": (self.expires_ns != 0)
-                .then(|| clock::remaining(self.expires_ns).map_or(0, |d| d.as_secs())),
-            "reason": self.reason,
-            "origin": self.origin,
-            "rate_class": self.rate_class,
-        })
-    }
 }
 
 /// The daemon's verdicts by fingerprint, persisted as JSON beside the control socket.
@@ -1217,33 +1205,6 @@ impl LiveState {
             .collect();
         (seen.len() == 1).then(|| seen[0])
     }
-
-    /// The `fingerprints` part of `aqd status`.
-    pub fn status(&self) -> serde_json::Value {
-        let s = &self.reassembler.stats;
-        serde_json::json!({
-            "ja4_tracked": self.table.ja4.len(),
-            "syn_tracked": self.table.syn.len(),
-            "max_fingerprints": self.settings.max_fingerprints,
-            "table_evicted": self.table.evicted,
-            "memory_bytes": self.table.memory() + self.reassembler.memory(),
-            "flows_tracked": self.reassembler.flows_tracked(),
-            "flows_in_progress": self.reassembler.flows_in_progress(),
-            "max_flows": self.settings.max_flows,
-            "capture_events": s.capture_events,
-            "ja4_computed": s.ja4_computed,
-            "ja4_failed": s.ja4_failed,
-            "not_tls": s.not_tls,
-            "flows_evicted": s.flows_evicted,
-            "key_mismatch": s.key_mismatch,
-            "p0f_db": self.p0f_path,
-            "p0f_signatures": self.p0f.as_ref().map(|d| d.signatures.len()),
-            "p0f_error": self.p0f_error,
-            "escalations": self.escalation.escalations,
-            "escalation_sources": self.escalation.tracked(),
-            "hello_to_flow_verdict_latency": self.latency.view(),
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1291,16 +1252,6 @@ impl LatencyHistogram {
             }
         }
         Some(self.max_us)
-    }
-
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "count": self.count,
-            "mean_us": (self.count > 0).then(|| self.sum_us / self.count),
-            "p50_le_us": self.quantile_le_us(0.5),
-            "p99_le_us": self.quantile_le_us(0.99),
-            "max_us": (self.count > 0).then_some(self.max_us),
-        })
     }
 }
 

@@ -296,11 +296,15 @@ pub struct Scored {
     pub tier: Option<Action>,
 }
 
-/// Which kind of entity to rank.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which kind of entity to rank (by name on the control socket: `source`, `prefix`, `fingerprint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
+    #[serde(alias = "sources")]
     Source,
+    #[serde(alias = "prefixes")]
     Prefix,
+    #[serde(alias = "fingerprints", alias = "fp")]
     Fingerprint,
 }
 
