@@ -11,13 +11,18 @@
 //!   [`Enforcer::restore_fingerprints`] put it back into fresh maps at start.
 
 use std::{
+    collections::BTreeSet,
     fs::{File, OpenOptions},
     io::{self, Write as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use detector_common::{Action, Decision, FlowTuple, Origin};
+use detector_common::{
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_HANDSHAKE_ACK_ONLY,
+    CONFIG_FLAG_NO_TCP_CHECKSUM, CONFIG_FLAG_PASS_TCP_FRAGMENTS, CONFIG_FLAG_REQUEST_EVENTS,
+    Config as ProgramConfig, Decision, FlowTuple, Origin,
+};
 use ipnet::IpNet;
 use thiserror::Error;
 
@@ -29,7 +34,7 @@ use crate::{
         live::{FpAction, FpTarget, FpVerdict, FpVerdicts},
     },
     lockout::{Guard, LockoutError, MinPrefix, Verb},
-    maps::{KernelMaps, List, MapsError, VerdictMap, decision_slot},
+    maps::{ExpiredEntry, KernelMaps, List, MapsError, VerdictMap, decision_slot, rate_class_limits},
     store::{self, Remaining, Store, StoreError, StoredDecision, StoredFp, StoredListEntry, UnixMs},
 };
 
@@ -242,9 +247,11 @@ impl AuditLog {
     }
 }
 
-/// The single writer of decisions and list entries.
+/// The single writer of the policy maps: decisions, list entries, management networks, ports, rate classes,
+/// program settings and verdicts by fingerprint, for every origin (CLI, socket, config, list files, imports,
+/// the model, the fingerprint stage, the fleet). Others read the maps through [`Enforcer::maps`].
 pub struct Enforcer {
-    pub maps: KernelMaps,
+    maps: KernelMaps,
     audit: AuditLog,
     config: Config,
     /// Verdicts by fingerprint (the daemon's table; the kernel holds them by key).
@@ -283,6 +290,11 @@ impl Enforcer {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The maps, to read (counters, lists, decisions); every write goes through the enforcer.
+    pub fn maps(&self) -> &KernelMaps {
+        &self.maps
     }
 
     pub fn set_config(&mut self, config: Config) {
@@ -617,9 +629,55 @@ impl Enforcer {
         Ok(targets.len())
     }
 
-    /// Records list changes made from the config file (which writes the maps itself, to apply a whole file
-    /// at once); `added` and `removed` are (allowlist?, network).
-    pub fn audit_config_lists(
+    /// Applies the config's kernel settings and lists: management networks, protected ports, rate classes,
+    /// program settings, and the config's allow/deny entries (`previous` → `wanted`, as (allowlist?, network)).
+    /// New management networks are written first, so they hold before any list changes; dropped ones are removed
+    /// only once every step that can fail has succeeded (a failed reload keeps them). List changes are audited
+    /// before they are written (write-ahead, like every other change). The config is the enforcer's from then on.
+    pub fn apply_config(
+        &mut self,
+        config: &Config,
+        previous: &BTreeSet<(bool, IpNet)>,
+        wanted: &BTreeSet<(bool, IpNet)>,
+    ) -> Result<(), EnforceError> {
+        let maps = &mut self.maps;
+        maps.management_add(&config.management)?;
+        maps.set_protected_ports(&config.protected_ports)?;
+        for class in 0..detector_common::capacity::RATE_CLASSES {
+            let limits = match config.rate_classes.iter().find(|r| r.id as u32 == class) {
+                Some(r) => rate_class_limits(
+                    r.limits.packets_per_second,
+                    r.limits.packet_burst,
+                    r.limits.connections_per_second,
+                    r.limits.connection_burst,
+                ),
+                None => detector_common::RateClass::UNLIMITED,
+            };
+            maps.set_rate_class(class, limits)?;
+        }
+        maps.set_config(program_config(config))?;
+        let removed: Vec<(bool, IpNet)> = previous.difference(wanted).copied().collect();
+        let added: Vec<(bool, IpNet)> = wanted.difference(previous).copied().collect();
+        self.audit_config_lists(&added, &removed)?;
+        let list = |allow: bool| if allow { List::Allow } else { List::Deny };
+        for (allow, net) in &removed {
+            self.maps.list_remove(list(*allow), *net)?;
+        }
+        for (allow, net) in wanted {
+            self.maps.list_insert(list(*allow), *net, None)?;
+        }
+        self.maps.management_sync(&config.management)?;
+        self.set_config(config.clone());
+        Ok(())
+    }
+
+    /// Removes one entry the purger found expired, if it still is (a refreshed entry stays).
+    pub fn purge_if_expired(&mut self, entry: &ExpiredEntry, now_ns: u64) -> Result<bool, EnforceError> {
+        Ok(self.maps.remove_if_expired(entry, now_ns)?)
+    }
+
+    /// Records list changes made from the config file; `added` and `removed` are (allowlist?, network).
+    fn audit_config_lists(
         &mut self,
         added: &[(bool, IpNet)],
         removed: &[(bool, IpNet)],
@@ -1148,4 +1206,20 @@ fn guard_for(maps: &KernelMaps, config: &Config) -> Guard {
         Vec::new()
     });
     Guard::new(config.management.iter().copied().chain(kernel))
+}
+
+/// The program's settings from the config: event kinds, fragment and checksum policy.
+fn program_config(config: &Config) -> ProgramConfig {
+    let flag = |on: bool, flag: u32| if on { flag } else { 0 };
+    ProgramConfig {
+        drop_sample_every: config.drop_sample_every,
+        flags: CONFIG_FLAG_CONN_EVENTS
+            | CONFIG_FLAG_CAPTURE
+            | CONFIG_FLAG_REQUEST_EVENTS
+            | flag(config.pass_tcp_fragments, CONFIG_FLAG_PASS_TCP_FRAGMENTS)
+            | flag(!config.verify_tcp_checksums, CONFIG_FLAG_NO_TCP_CHECKSUM)
+            | flag(config.handshake_ack_only, CONFIG_FLAG_HANDSHAKE_ACK_ONLY),
+        test_now_ns: 0,
+        request_gap_ns: 0,
+    }
 }

@@ -81,7 +81,7 @@ impl Request {
 pub fn handle<B: Backend + ?Sized>(backend: &mut B, request: Request) -> Result<Response, ControlError> {
     match request {
         Request::Status {} => backend.status().map(|v| Response::Status(Box::new(v))),
-        Request::List { what } => list_view(&backend.enforcer().maps, what)
+        Request::List { what } => list_view(backend.enforcer().maps(), what)
             .map(Response::List)
             .map_err(ControlError::failed),
         Request::Decide {
@@ -339,7 +339,7 @@ impl Backend for Offline {
     }
 
     fn status(&mut self) -> Result<StatusView, ControlError> {
-        let maps = &self.enforcer.maps;
+        let maps = self.enforcer.maps();
         let counters = maps.counters().map_err(ControlError::failed)?;
         Ok(StatusView {
             pinned_state: Some(true),
