@@ -386,6 +386,27 @@ pub struct FpRow {
     pub verdict: Option<FpVerdictView>,
 }
 
+impl FpRow {
+    /// A row with no traffic counted (a verdict on a fingerprint not seen yet); the caller fills in what it knows.
+    pub fn unseen(kind: FpKind, fingerprint: String) -> Self {
+        Self {
+            kind,
+            fingerprint,
+            ja4_r: None,
+            kernel_keys: Vec::new(),
+            key: None,
+            label: None,
+            connections: 0,
+            dropped: 0,
+            sources: 0,
+            sources_estimated: false,
+            first_seen: None,
+            last_seen: None,
+            verdict: None,
+        }
+    }
+}
+
 /// A live verdict by fingerprint, as shown.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FpVerdictView {

@@ -2,6 +2,7 @@
 //! metrics scrape reads under the state lock.
 
 use super::*;
+use crate::fingerprint::live::SourceSet;
 
 impl DaemonState {
     /// `aqd top --by score`.
@@ -76,6 +77,19 @@ impl DaemonState {
         let verdicts = &self.enforcer.fp;
         let hello_keys =
             |keys: &mut dyn Iterator<Item = u64>| keys.map(|k| format!("hello:{k:#018x}")).collect();
+        // A row of the fingerprint table: its traffic (connections, dropped, sources, first and last seen).
+        let counted =
+            |row: FpRow, (connections, dropped, sources, first, last): (u64, u64, &SourceSet, f64, f64)| {
+                FpRow {
+                    connections,
+                    dropped,
+                    sources: sources.count(),
+                    sources_estimated: sources.estimated(),
+                    first_seen: Some(first as u64),
+                    last_seen: Some(last as u64),
+                    ..row
+                }
+            };
         let mut rows: Vec<FpRow> = Vec::new();
         let mut shown = std::collections::HashSet::new();
         for e in self.live.table.ja4.values() {
@@ -86,41 +100,29 @@ impl DaemonState {
                 .iter()
                 .copied()
                 .chain(v.into_iter().flat_map(|v| v.hello_keys.iter().copied()));
-            rows.push(FpRow {
-                kind: FpKind::Ja4,
-                fingerprint: e.ja4.clone(),
-                ja4_r: Some(e.ja4_r.clone()),
-                kernel_keys: hello_keys(&mut keys),
-                key: None,
-                label: None,
-                connections: e.connections,
-                dropped: e.dropped,
-                sources: e.sources.count(),
-                sources_estimated: e.sources.estimated(),
-                first_seen: Some(e.first_seen as u64),
-                last_seen: Some(e.last_seen as u64),
-                verdict: v.map(FpVerdictView::from),
-            });
+            rows.push(counted(
+                FpRow {
+                    ja4_r: Some(e.ja4_r.clone()),
+                    kernel_keys: hello_keys(&mut keys),
+                    verdict: v.map(FpVerdictView::from),
+                    ..FpRow::unseen(FpKind::Ja4, e.ja4.clone())
+                },
+                (e.connections, e.dropped, &e.sources, e.first_seen, e.last_seen),
+            ));
             shown.insert(id);
         }
         for e in self.live.table.syn.values() {
             let id = format!("syn:{:#018x}", e.key);
             let v = verdicts.get_live(&id, now);
-            rows.push(FpRow {
-                kind: FpKind::Syn,
-                fingerprint: e.text.clone(),
-                ja4_r: None,
-                kernel_keys: Vec::new(),
-                key: Some(id.clone()),
-                label: e.label.clone(),
-                connections: e.connections,
-                dropped: e.dropped,
-                sources: e.sources.count(),
-                sources_estimated: e.sources.estimated(),
-                first_seen: Some(e.first_seen as u64),
-                last_seen: Some(e.last_seen as u64),
-                verdict: v.map(FpVerdictView::from),
-            });
+            rows.push(counted(
+                FpRow {
+                    key: Some(id.clone()),
+                    label: e.label.clone(),
+                    verdict: v.map(FpVerdictView::from),
+                    ..FpRow::unseen(FpKind::Syn, e.text.clone())
+                },
+                (e.connections, e.dropped, &e.sources, e.first_seen, e.last_seen),
+            ));
             shown.insert(id);
         }
         for v in verdicts
@@ -140,8 +142,6 @@ impl DaemonState {
                 (FpKind::Ja4, v.id.clone(), None)
             };
             rows.push(FpRow {
-                kind,
-                fingerprint,
                 ja4_r: if kind == FpKind::Ja4 {
                     v.ja4_r.clone()
                 } else {
@@ -153,14 +153,8 @@ impl DaemonState {
                     Vec::new()
                 },
                 key,
-                label: None,
-                connections: 0,
-                dropped: 0,
-                sources: 0,
-                sources_estimated: false,
-                first_seen: None,
-                last_seen: None,
                 verdict: Some(FpVerdictView::from(v)),
+                ..FpRow::unseen(kind, fingerprint)
             });
         }
         rows.sort_by_key(|r| std::cmp::Reverse(r.connections));
