@@ -28,6 +28,16 @@ pub enum EventKind {
 pub const EVENT_KIND_COUNT: usize = 6;
 
 impl EventKind {
+    /// Every kind, in code order (status views and metrics list them from here).
+    pub const ALL: [Self; EVENT_KIND_COUNT] = [
+        Self::Conn,
+        Self::Drop,
+        Self::Payload,
+        Self::Request,
+        Self::FlowEnd,
+        Self::Established,
+    ];
+
     pub const fn from_u16(v: u16) -> Option<Self> {
         match v {
             0 => Some(Self::Conn),

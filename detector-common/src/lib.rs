@@ -151,6 +151,78 @@ pub mod capacity {
     pub const PROGRAMS: u32 = 2;
 }
 
+/// A name that is not one of an enum's names (the message lists the valid ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub expected: &'static str,
+}
+
+impl core::fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "unknown {} (expected {})", self.what, self.expected)
+    }
+}
+
+/// `ALL`-based `from_name`, `Display`, `FromStr` and (userspace) serde by name for a named enum: the names are
+/// written once, in `name()`.
+macro_rules! names {
+    ($ty:ident, $what:literal, $expected:literal) => {
+        impl $ty {
+            /// The variant with this [`Self::name`].
+            pub fn from_name(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.name() == name)
+            }
+        }
+
+        impl core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl core::str::FromStr for $ty {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                Self::from_name(s).ok_or(UnknownName {
+                    what: $what,
+                    expected: $expected,
+                })
+            }
+        }
+
+        #[cfg(feature = "user")]
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        #[cfg(feature = "user")]
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl serde::de::Visitor<'_> for Visitor {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                        write!(f, "{} name ({})", $what, $expected)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$ty, E> {
+                        $ty::from_name(v).ok_or_else(|| {
+                            E::custom(format_args!(
+                                "unknown {} '{v}' (expected {})",
+                                $what, $expected
+                            ))
+                        })
+                    }
+                }
+                d.deserialize_str(Visitor)
+            }
+        }
+    };
+}
+
 /// Prefix lengths of the "prefix" decision scope: a /24 for IPv4, a /64 for IPv6.
 pub const PREFIX_SCOPE_V4: u8 = 24;
 pub const PREFIX_SCOPE_V6: u8 = 64;
@@ -168,6 +240,8 @@ pub enum Action {
 }
 
 impl Action {
+    pub const ALL: [Self; 3] = [Self::Monitor, Self::Throttle, Self::Block];
+
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Monitor),
@@ -176,11 +250,22 @@ impl Action {
             _ => None,
         }
     }
+
+    /// Stable lowercase name for the CLI, the control protocol, logs, metrics and the audit log.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Monitor => "monitor",
+            Self::Throttle => "throttle",
+            Self::Block => "block",
+        }
+    }
 }
+
+names!(Action, "action", "monitor, throttle or block");
 
 /// Who made a decision. Stored in the kernel value so `aqd list` can say it even when the daemon is down.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
     Cli = 1,
     Import = 2,
@@ -190,6 +275,8 @@ pub enum Origin {
 }
 
 impl Origin {
+    pub const ALL: [Self; 5] = [Self::Cli, Self::Import, Self::Model, Self::Config, Self::Fleet];
+
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Cli),
@@ -200,7 +287,20 @@ impl Origin {
             _ => None,
         }
     }
+
+    /// Stable lowercase name for `aqd list`, the audit log and the control protocol.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Cli => "cli",
+            Self::Import => "import",
+            Self::Model => "model",
+            Self::Config => "config",
+            Self::Fleet => "fleet",
+        }
+    }
 }
+
+names!(Origin, "origin", "cli, import, model, config or fleet");
 
 /// The verdict the program returns, as the XDP action codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -414,7 +414,7 @@ impl Ager {
 }
 
 /// The table contents and counters when the daemon started: evictions are derived from the changes since.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Baseline {
     pub flows: u64,
     pub half_open: u64,

@@ -150,7 +150,7 @@ pub enum Attached {
 }
 
 /// One interface running aqd.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub iface: String,
     pub ifindex: u32,

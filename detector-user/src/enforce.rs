@@ -11,13 +11,18 @@
 //!   [`Enforcer::restore_fingerprints`] put it back into fresh maps at start.
 
 use std::{
+    collections::BTreeSet,
     fs::{File, OpenOptions},
     io::{self, Write as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use detector_common::{Action, Decision, FlowTuple, Origin};
+use detector_common::{
+    Action, CONFIG_FLAG_CAPTURE, CONFIG_FLAG_CONN_EVENTS, CONFIG_FLAG_HANDSHAKE_ACK_ONLY,
+    CONFIG_FLAG_NO_TCP_CHECKSUM, CONFIG_FLAG_PASS_TCP_FRAGMENTS, CONFIG_FLAG_REQUEST_EVENTS,
+    Config as ProgramConfig, Decision, FlowTuple, Origin,
+};
 use ipnet::IpNet;
 use thiserror::Error;
 
@@ -29,7 +34,7 @@ use crate::{
         live::{FpAction, FpTarget, FpVerdict, FpVerdicts},
     },
     lockout::{Guard, LockoutError, MinPrefix, Verb},
-    maps::{KernelMaps, List, MapsError, VerdictMap, action_name, decision_slot, origin_name},
+    maps::{ExpiredEntry, KernelMaps, List, MapsError, VerdictMap, decision_slot, rate_class_limits},
     store::{self, Remaining, Store, StoreError, StoredDecision, StoredFp, StoredListEntry, UnixMs},
 };
 
@@ -101,7 +106,7 @@ pub struct FpRequest {
 }
 
 /// Fingerprint-verdict counters of the writer (status and metrics).
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FpWriteStats {
     /// Writes of a verdict into SYN_VERDICTS / HELLO_VERDICTS.
     pub verdict_installs: u64,
@@ -118,7 +123,7 @@ pub struct FpWriteStats {
 pub struct AuditRecord {
     /// Seconds since the Unix epoch.
     pub time: f64,
-    pub origin: String,
+    pub origin: Origin,
     pub target: String,
     /// block, throttle, monitor, unblock, allow, disallow, deny, undeny.
     pub action: String,
@@ -145,7 +150,7 @@ impl AuditRecord {
     fn failed(&self, why: &dyn std::fmt::Display) -> Self {
         Self {
             time: now_secs(),
-            origin: self.origin.clone(),
+            origin: self.origin,
             target: self.target.clone(),
             action: self.action.clone(),
             ttl: self.ttl,
@@ -161,7 +166,7 @@ impl AuditRecord {
 }
 
 /// What [`Enforcer::restore_policy`] / [`Enforcer::restore_fingerprints`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestoreReport {
     pub decisions: usize,
     pub list_entries: usize,
@@ -242,9 +247,11 @@ impl AuditLog {
     }
 }
 
-/// The single writer of decisions and list entries.
+/// The single writer of the policy maps: decisions, list entries, management networks, ports, rate classes,
+/// program settings and verdicts by fingerprint, for every origin (CLI, socket, config, list files, imports,
+/// the model, the fingerprint stage, the fleet). Others read the maps through [`Enforcer::maps`].
 pub struct Enforcer {
-    pub maps: KernelMaps,
+    maps: KernelMaps,
     audit: AuditLog,
     config: Config,
     /// Verdicts by fingerprint (the daemon's table; the kernel holds them by key).
@@ -283,6 +290,11 @@ impl Enforcer {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The maps, to read (counters, lists, decisions); every write goes through the enforcer.
+    pub fn maps(&self) -> &KernelMaps {
+        &self.maps
     }
 
     pub fn set_config(&mut self, config: Config) {
@@ -395,7 +407,7 @@ impl Enforcer {
             .iter()
             .zip(&batch)
             .map(|(request, (_, _, ttl))| {
-                let action = action_name(Some(request.action));
+                let action = request.action.name();
                 record(request.origin, request.target, action, *ttl, &request.reason)
             })
             .collect();
@@ -428,7 +440,7 @@ impl Enforcer {
         request: &DecisionRequest,
         allowlist: &[IpNet],
     ) -> Result<Option<Duration>, EnforceError> {
-        let action = action_name(Some(request.action));
+        let action = request.action.name();
         self.check_lockout_with(request.target, request.action.into(), request.force, allowlist)?;
         let code = self.maps.reason_code(&request.reason)?;
         let (decision, ttl) = self.decision_for(request, code)?;
@@ -617,9 +629,55 @@ impl Enforcer {
         Ok(targets.len())
     }
 
-    /// Records list changes made from the config file (which writes the maps itself, to apply a whole file
-    /// at once); `added` and `removed` are (allowlist?, network).
-    pub fn audit_config_lists(
+    /// Applies the config's kernel settings and lists: management networks, protected ports, rate classes,
+    /// program settings, and the config's allow/deny entries (`previous` → `wanted`, as (allowlist?, network)).
+    /// New management networks are written first, so they hold before any list changes; dropped ones are removed
+    /// only once every step that can fail has succeeded (a failed reload keeps them). List changes are audited
+    /// before they are written (write-ahead, like every other change). The config is the enforcer's from then on.
+    pub fn apply_config(
+        &mut self,
+        config: &Config,
+        previous: &BTreeSet<(bool, IpNet)>,
+        wanted: &BTreeSet<(bool, IpNet)>,
+    ) -> Result<(), EnforceError> {
+        let maps = &mut self.maps;
+        maps.management_add(&config.management)?;
+        maps.set_protected_ports(&config.protected_ports)?;
+        for class in 0..detector_common::capacity::RATE_CLASSES {
+            let limits = match config.rate_classes.iter().find(|r| r.id as u32 == class) {
+                Some(r) => rate_class_limits(
+                    r.limits.packets_per_second,
+                    r.limits.packet_burst,
+                    r.limits.connections_per_second,
+                    r.limits.connection_burst,
+                ),
+                None => detector_common::RateClass::UNLIMITED,
+            };
+            maps.set_rate_class(class, limits)?;
+        }
+        maps.set_config(program_config(config))?;
+        let removed: Vec<(bool, IpNet)> = previous.difference(wanted).copied().collect();
+        let added: Vec<(bool, IpNet)> = wanted.difference(previous).copied().collect();
+        self.audit_config_lists(&added, &removed)?;
+        let list = |allow: bool| if allow { List::Allow } else { List::Deny };
+        for (allow, net) in &removed {
+            self.maps.list_remove(list(*allow), *net)?;
+        }
+        for (allow, net) in wanted {
+            self.maps.list_insert(list(*allow), *net, None)?;
+        }
+        self.maps.management_sync(&config.management)?;
+        self.set_config(config.clone());
+        Ok(())
+    }
+
+    /// Removes one entry the purger found expired, if it still is (a refreshed entry stays).
+    pub fn purge_if_expired(&mut self, entry: &ExpiredEntry, now_ns: u64) -> Result<bool, EnforceError> {
+        Ok(self.maps.remove_if_expired(entry, now_ns)?)
+    }
+
+    /// Records list changes made from the config file; `added` and `removed` are (allowlist?, network).
+    fn audit_config_lists(
         &mut self,
         added: &[(bool, IpNet)],
         removed: &[(bool, IpNet)],
@@ -716,7 +774,7 @@ impl Enforcer {
             rate_class,
             expires_ns: clock::expiry_from_ttl(ttl),
             reason: request.reason.trim().to_string(),
-            origin: origin_name(Some(request.origin)).to_string(),
+            origin: request.origin,
             set_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -898,12 +956,7 @@ impl Enforcer {
                     action: action as u8,
                     rate_class: v.rate_class,
                     reason,
-                    origin: Origin::from_u8(match v.origin.as_str() {
-                        "config" => Origin::Config as u8,
-                        "model" => Origin::Model as u8,
-                        _ => Origin::Cli as u8,
-                    })
-                    .unwrap_or(Origin::Cli) as u8,
+                    origin: v.origin as u8,
                     _pad: [0; 3],
                 };
                 self.maps.verdict_put(map, key, decision)?;
@@ -1025,7 +1078,7 @@ impl Enforcer {
                 report.already_present += 1;
                 continue;
             }
-            let action = action_name(Some(d.action));
+            let action = d.action.name();
             if let Err(refusal) =
                 self.check_lockout_with(d.target, crate::lockout::Verb::from(d.action), true, &[])
             {
@@ -1094,12 +1147,7 @@ impl Enforcer {
                 report.already_present += 1;
                 continue;
             }
-            let origin = match f.verdict.origin.as_str() {
-                "config" => Origin::Config,
-                "model" => Origin::Model,
-                "import" => Origin::Import,
-                _ => Origin::Cli,
-            };
+            let origin = f.verdict.origin;
             records.push(
                 fp_record(
                     origin,
@@ -1141,7 +1189,7 @@ fn record(origin: Origin, target: IpNet, action: &str, ttl: Option<Duration>, re
 fn fp_record(origin: Origin, id: &str, action: &str, ttl: Option<Duration>, reason: &str) -> AuditRecord {
     AuditRecord {
         time: now_secs(),
-        origin: origin_name(Some(origin)).to_string(),
+        origin,
         target: id.to_string(),
         action: action.to_string(),
         ttl: ttl.map(|t| t.as_secs()),
@@ -1158,4 +1206,20 @@ fn guard_for(maps: &KernelMaps, config: &Config) -> Guard {
         Vec::new()
     });
     Guard::new(config.management.iter().copied().chain(kernel))
+}
+
+/// The program's settings from the config: event kinds, fragment and checksum policy.
+fn program_config(config: &Config) -> ProgramConfig {
+    let flag = |on: bool, flag: u32| if on { flag } else { 0 };
+    ProgramConfig {
+        drop_sample_every: config.drop_sample_every,
+        flags: CONFIG_FLAG_CONN_EVENTS
+            | CONFIG_FLAG_CAPTURE
+            | CONFIG_FLAG_REQUEST_EVENTS
+            | flag(config.pass_tcp_fragments, CONFIG_FLAG_PASS_TCP_FRAGMENTS)
+            | flag(!config.verify_tcp_checksums, CONFIG_FLAG_NO_TCP_CHECKSUM)
+            | flag(config.handshake_ack_only, CONFIG_FLAG_HANDSHAKE_ACK_ONLY),
+        test_now_ns: 0,
+        request_gap_ns: 0,
+    }
 }

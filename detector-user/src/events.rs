@@ -15,6 +15,15 @@ use tokio::io::unix::AsyncFd;
 
 use crate::maps::key_addr;
 
+/// Event-reader statistics shared with the status and metrics views.
+#[derive(Debug, Default)]
+pub struct EventStats {
+    /// Events read, by [`EventKind`] code.
+    pub read: [std::sync::atomic::AtomicU64; detector_common::event::EVENT_KIND_COUNT],
+    /// Records that did not decode.
+    pub undecodable: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than an event header")]

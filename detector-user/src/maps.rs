@@ -62,6 +62,16 @@ pub enum List {
     Deny,
 }
 
+impl List {
+    /// `allowlist` / `denylist`, as messages say it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Allow => "allowlist",
+            Self::Deny => "denylist",
+        }
+    }
+}
+
 /// Converts a CIDR to its map slot, rejecting host bits set (a typo more often than intent).
 pub fn slot_for(net: IpNet) -> Result<Slot, MapsError> {
     if net.trunc() != net {
@@ -130,7 +140,7 @@ pub fn decision_net(key: &AddrKey, exact: bool) -> IpNet {
 }
 
 /// A list entry as read back.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ListRow {
     pub list: List,
     pub net: IpNet,
@@ -140,36 +150,18 @@ pub struct ListRow {
 }
 
 /// A decision as read back.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DecisionRow {
     pub net: IpNet,
-    pub action: &'static str,
+    /// None: a code this aqd does not know (written by another release).
+    pub action: Option<Action>,
     pub rate_class: u8,
     pub reason: String,
-    pub origin: &'static str,
+    /// None: a code this aqd does not know.
+    pub origin: Option<Origin>,
     pub hits: u64,
     /// Seconds left; None = permanent.
     pub remaining_secs: Option<u64>,
-}
-
-pub fn action_name(action: Option<Action>) -> &'static str {
-    match action {
-        Some(Action::Monitor) => "monitor",
-        Some(Action::Throttle) => "throttle",
-        Some(Action::Block) => "block",
-        None => "unknown",
-    }
-}
-
-pub fn origin_name(origin: Option<Origin>) -> &'static str {
-    match origin {
-        Some(Origin::Cli) => "cli",
-        Some(Origin::Import) => "import",
-        Some(Origin::Model) => "model",
-        Some(Origin::Config) => "config",
-        Some(Origin::Fleet) => "fleet",
-        None => "unknown",
-    }
 }
 
 /// Kernel limits for a rate class given as rates and bursts (0 pps / 0 conns = unlimited).
@@ -568,7 +560,7 @@ impl KernelMaps {
             }
             return Err(MapsError::DecisionScope {
                 net,
-                action: action_name(action),
+                action: action.map_or("unknown", Action::name),
             });
         };
         let (map, name) = self.decision_map(exact);
@@ -661,10 +653,10 @@ impl KernelMaps {
                 let (key, d) = item.map_err(|source| MapsError::Map { name, source })?;
                 rows.push(DecisionRow {
                     net: decision_net(&key, exact),
-                    action: action_name(Action::from_u8(d.action)),
+                    action: Action::from_u8(d.action),
                     rate_class: d.rate_class,
                     reason: self.reason_text(d.reason),
-                    origin: origin_name(Origin::from_u8(d.origin)),
+                    origin: Origin::from_u8(d.origin),
                     hits: d.hits,
                     remaining_secs: remaining_secs(d.expires_ns),
                 });

@@ -25,10 +25,13 @@ use tokio::{
 };
 
 use crate::{
-    aging::{FlowFigures, FlowTables},
-    daemon::DaemonState,
+    aging::{AgingStats, Baseline, FlowFigures, FlowTables},
+    enforce::FpWriteStats,
+    events::EventStats,
+    fingerprint::live::LiveState,
     maps::KernelMaps,
-    serve::{self, Limiter, ServeStats, Slot},
+    model_stage::ModelStage,
+    serve::{self, Limiter, ServeStats, Servers, Slot},
 };
 
 type Labels = Vec<(String, String)>;
@@ -47,30 +50,31 @@ pub struct KernelView {
     pub flow_tables: FlowTables,
 }
 
+/// What a scrape reads from the daemon under its state lock: the in-memory figures only (no syscalls). The
+/// daemon implements it, so this module does not know the daemon's state (no import cycle).
+pub trait Figures: Send + 'static {
+    /// Registers the in-memory figures and hands back what the kernel part reads once the lock is released.
+    fn register(&self, registry: &mut Registry) -> KernelInputs;
+}
+
+/// The daemon's handles the kernel part of a scrape needs (shared counters, the start-of-run baseline).
+pub struct KernelInputs {
+    pub events: Arc<EventStats>,
+    pub baseline: Baseline,
+    pub aging: Arc<AgingStats>,
+}
+
 /// Renders the current state as OpenMetrics text: the daemon's in-memory figures are registered under the state
 /// lock (no syscalls: quick), then the kernel maps are read and walked with `kernel`'s handles, lock released.
-pub fn render(state: &Mutex<DaemonState>, kernel: &KernelView) -> Result<String, String> {
+pub fn render<S: Figures>(state: &Mutex<S>, kernel: &KernelView) -> Result<String, String> {
     let mut registry = Registry::with_prefix("aqd");
-    let (events, baseline, aging) = {
+    let KernelInputs {
+        events,
+        baseline,
+        aging,
+    } = {
         let started = Instant::now();
-        let state = serve::lock(state);
-        let reloads = Family::<Labels, Counter>::default();
-        reloads
-            .get_or_create(&labels(&[("result", "ok")]))
-            .inc_by(state.reloads.ok.load(Ordering::Relaxed));
-        reloads
-            .get_or_create(&labels(&[("result", "failed")]))
-            .inc_by(state.reloads.failed.load(Ordering::Relaxed));
-        registry.register("config_reloads", "Config reloads by result", reloads);
-        render_fingerprints(&state, &mut registry);
-        render_model(&state, &mut registry);
-        render_servers(&state.servers, &mut registry);
-        let taken = (
-            Arc::clone(&state.events),
-            state.flow_baseline,
-            Arc::clone(&state.aging),
-        );
-        drop(state);
+        let taken = serve::lock(state).register(&mut registry);
         tracing::debug!(
             held_us = started.elapsed().as_micros() as u64,
             "metrics: in-memory figures taken under the state lock"
@@ -100,13 +104,7 @@ pub fn render(state: &Mutex<DaemonState>, kernel: &KernelView) -> Result<String,
     let events_sent = Family::<Labels, Counter>::default();
     let events_lost = Family::<Labels, Counter>::default();
     let events_read = Family::<Labels, Counter>::default();
-    for kind in [
-        EventKind::Conn,
-        EventKind::Drop,
-        EventKind::Payload,
-        EventKind::Request,
-        EventKind::FlowEnd,
-    ] {
+    for kind in EventKind::ALL {
         let l = labels(&[("kind", kind.name())]);
         events_sent
             .get_or_create(&l)
@@ -193,7 +191,9 @@ pub fn render(state: &Mutex<DaemonState>, kernel: &KernelView) -> Result<String,
     let mut by_kind: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for d in maps.decisions().map_err(|e| e.to_string())? {
         if d.remaining_secs != Some(0) {
-            *by_kind.entry((d.action, d.origin)).or_default() += 1;
+            let action = d.action.map_or("unknown", |a| a.name());
+            let origin = d.origin.map_or("unknown", |o| o.name());
+            *by_kind.entry((action, origin)).or_default() += 1;
         }
     }
     for ((action, origin), n) in by_kind {
@@ -219,9 +219,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `GET /metrics` until the task is dropped; never ends on its own (accept errors are retried,
 /// connections over the cap closed: see `serve`).
-pub async fn serve(
+pub async fn serve<S: Figures>(
     listener: TcpListener,
-    state: Arc<Mutex<DaemonState>>,
+    state: Arc<Mutex<S>>,
     kernel: KernelView,
     limiter: Arc<Limiter>,
     stats: Arc<ServeStats>,
@@ -245,9 +245,9 @@ pub async fn serve(
     .await
 }
 
-async fn serve_one(
+async fn serve_one<S: Figures>(
     mut stream: tokio::net::TcpStream,
-    state: Arc<Mutex<DaemonState>>,
+    state: Arc<Mutex<S>>,
     kernel: Arc<Mutex<KernelView>>,
     slot: &Slot,
 ) -> std::io::Result<()> {
@@ -286,9 +286,18 @@ async fn serve_one(
     .await
 }
 
-/// The fingerprint pipeline's numbers.
-fn render_fingerprints(state: &DaemonState, registry: &mut Registry) {
-    let live = &state.live;
+/// Config reloads by result.
+pub fn register_reloads(ok: u64, failed: u64, registry: &mut Registry) {
+    let reloads = Family::<Labels, Counter>::default();
+    reloads.get_or_create(&labels(&[("result", "ok")])).inc_by(ok);
+    reloads
+        .get_or_create(&labels(&[("result", "failed")]))
+        .inc_by(failed);
+    registry.register("config_reloads", "Config reloads by result", reloads);
+}
+
+/// The fingerprint pipeline's numbers (`verdict_writes`: the enforcer's writes of verdicts by fingerprint).
+pub fn register_fingerprints(live: &LiveState, verdict_writes: FpWriteStats, registry: &mut Registry) {
     let stats = &live.reassembler.stats;
     let tracked = Family::<Labels, Gauge>::default();
     tracked
@@ -329,7 +338,7 @@ fn render_fingerprints(state: &DaemonState, registry: &mut Registry) {
         failed,
     );
     let writes = Family::<Labels, Counter>::default();
-    let w = state.enforcer.fp_stats;
+    let w = verdict_writes;
     for (op, n) in [
         ("install", w.verdict_installs),
         ("remove", w.verdict_removals),
@@ -393,9 +402,9 @@ fn render_fingerprints(state: &DaemonState, registry: &mut Registry) {
 }
 
 /// The behavioural model: what it tracks, its scores by tier, and what happened to its decisions.
-fn render_model(state: &DaemonState, registry: &mut Registry) {
-    let stage = state.model.stats();
-    let model = &state.model.model;
+pub fn register_model(model_stage: &ModelStage, registry: &mut Registry) {
+    let stage = model_stage.stats();
+    let model = &model_stage.model;
     let memory = model.memory_report();
     let tracked = Family::<Labels, Gauge>::default();
     for (kind, n) in [
@@ -414,7 +423,7 @@ fn render_model(state: &DaemonState, registry: &mut Registry) {
     bytes.set(memory.total_bytes as i64);
     registry.register("model_memory_bytes", "Memory held by the model's tables", bytes);
     let observations = Counter::<u64>::default();
-    observations.inc_by(state.model.feed.stats().observations);
+    observations.inc_by(model_stage.feed.stats().observations);
     registry.register(
         "model_observations",
         "Observations fed to the model",
@@ -482,7 +491,7 @@ fn render_model(state: &DaemonState, registry: &mut Registry) {
 }
 
 /// The control and metrics servers: connections by outcome, accept errors, slots in use and the caps.
-fn render_servers(servers: &crate::daemon::Servers, registry: &mut Registry) {
+pub fn register_servers(servers: &Servers, registry: &mut Registry) {
     let connections = Family::<Labels, Counter>::default();
     let accept_errors = Family::<Labels, Counter>::default();
     let active = Family::<Labels, Gauge>::default();

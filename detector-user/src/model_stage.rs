@@ -22,7 +22,7 @@ use detector_common::Origin;
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Counters for `aqd status` and metrics.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct StageStats {
     pub ticks: u64,
     /// Ring events stamped before this daemon started (sent while no daemon read the ring): not fed to the
@@ -43,7 +43,7 @@ pub struct StageStats {
 }
 
 /// One decision the stage handled, for `aqd explain` and the log.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Handled {
     pub decision: ProposedDecision,
     /// `applied`, `dry_run`, `refused: …`, `skipped: fingerprint allowed`.
@@ -183,7 +183,7 @@ impl ModelStage {
         // the full reason (score and contributions) is in the log and in `aqd explain`.
         let short_reason = format!(
             "model: {} {}",
-            action_name(decision.action),
+            decision.action.name(),
             scope_kind(&decision.scope)
         );
         let ttl = Some(decision.ttl.max(Duration::from_secs(1)));
@@ -191,7 +191,7 @@ impl ModelStage {
             enforcer
                 .decide(&DecisionRequest {
                     target,
-                    action: kernel_action(decision.action),
+                    action: decision.action,
                     class: None,
                     ttl,
                     permanent: false,
@@ -218,11 +218,7 @@ impl ModelStage {
                 enforcer
                     .fp_set(&FpRequest {
                         target,
-                        action: match decision.action {
-                            Action::Monitor => FpAction::Monitor,
-                            Action::Throttle => FpAction::Throttle,
-                            Action::Block => FpAction::Block,
-                        },
+                        action: FpAction::from_kernel(decision.action),
                         class: None,
                         ttl,
                         permanent: false,
@@ -254,22 +250,6 @@ fn fingerprint_ids(id: &model::FingerprintId) -> Vec<String> {
         ids.push(format!("ja4:{ja4}"));
     }
     ids
-}
-
-fn kernel_action(action: Action) -> detector_common::Action {
-    match action {
-        Action::Monitor => detector_common::Action::Monitor,
-        Action::Throttle => detector_common::Action::Throttle,
-        Action::Block => detector_common::Action::Block,
-    }
-}
-
-fn action_name(action: Action) -> &'static str {
-    match action {
-        Action::Monitor => "monitor",
-        Action::Throttle => "throttle",
-        Action::Block => "block",
-    }
 }
 
 fn scope_kind(scope: &Scope) -> &'static str {

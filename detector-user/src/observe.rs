@@ -39,7 +39,7 @@ struct FlowRecord {
 }
 
 /// Counters for `aqd status` and metrics.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FeedStats {
     pub observations: u64,
     /// Requests or flow ends for flows whose SYN was never seen (started before the daemon, or forgotten).

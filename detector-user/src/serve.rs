@@ -31,6 +31,22 @@ use tokio::sync::Notify;
 /// Accept errors are logged at most this often per server (the rest are counted and summarised).
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The connection caps and figures of the daemon's two servers (status and metrics read them).
+#[derive(Debug)]
+pub struct Servers {
+    pub control: (Arc<Limiter>, Arc<ServeStats>),
+    pub metrics: (Arc<Limiter>, Arc<ServeStats>),
+}
+
+impl Servers {
+    pub fn new(control_cap: usize, metrics_cap: usize) -> Self {
+        Self {
+            control: (Limiter::new(control_cap), Arc::default()),
+            metrics: (Limiter::new(metrics_cap), Arc::default()),
+        }
+    }
+}
+
 /// A listening socket the accept loop can take connections from.
 pub trait Listener: Send + 'static {
     type Stream: Send + 'static;

@@ -33,11 +33,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{
-    fingerprint::live::FpVerdict,
-    maps::{List, action_name, origin_name},
-    model,
-};
+use crate::{fingerprint::live::FpVerdict, maps::List, model};
 
 /// Version of the files' layout (not the kernel's `LAYOUT_VERSION`: the store outlives those).
 pub const FORMAT: u32 = 1;
@@ -131,46 +127,14 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// `Action` by name in the files (the kernel codes are an implementation detail).
-mod action_serde {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(a: &Action, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(action_name(Some(*a)))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
-        let name = String::deserialize(d)?;
-        [Action::Block, Action::Throttle, Action::Monitor]
-            .into_iter()
-            .find(|a| action_name(Some(*a)) == name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown action {name:?}")))
-    }
-}
-
-/// `Origin` by name in the files.
-mod origin_serde {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(o: &Origin, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(origin_name(Some(*o)))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Origin, D::Error> {
-        let name = String::deserialize(d)?;
-        (1..=u8::MAX)
-            .map_while(Origin::from_u8)
-            .find(|o| origin_name(Some(*o)) == name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown origin {name:?}")))
-    }
-}
-
 /// One decision as kept.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredDecision {
     pub target: IpNet,
-    #[serde(with = "action_serde")]
     pub action: Action,
     /// The kernel rate class id (throttle).
     pub rate_class: u8,
     pub reason: String,
-    #[serde(with = "origin_serde")]
     pub origin: Origin,
     /// Made with `--force` (kept for the record; a restore checks only the management networks).
     pub force: bool,
@@ -184,7 +148,6 @@ pub struct StoredDecision {
 pub struct StoredListEntry {
     pub list: List,
     pub target: IpNet,
-    #[serde(with = "origin_serde")]
     pub origin: Origin,
     pub force: bool,
     pub set_unix_ms: UnixMs,
@@ -359,7 +322,7 @@ pub struct LoadReport {
 }
 
 /// Counters for status and metrics.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct StoreStats {
     pub records_written: u64,
     pub write_errors: u64,
@@ -819,7 +782,7 @@ mod tests {
                 rate_class: 0,
                 expires_ns: 5,
                 reason: "r".into(),
-                origin: "cli".into(),
+                origin: Origin::Cli,
                 set_at: 1.0,
                 ja4_r: None,
                 syn_text: None,

@@ -209,10 +209,15 @@ impl Run {
     }
 }
 
+/// A bench address as the protocol carries it.
+fn net(target: &str) -> ipnet::IpNet {
+    detector_user::config::parse_cidr(target).expect("bench addresses are valid")
+}
+
 fn decide_request(target: &str, reason: String) -> Request {
     Request::Decide {
-        target: target.to_string(),
-        action: "block".into(),
+        target: net(target),
+        action: detector_common::Action::Block,
         class: None,
         ttl_secs: Some(TTL_SECS),
         permanent: false,
@@ -247,7 +252,7 @@ fn decide_all(socket: &Path, targets: &[String]) -> anyhow::Result<Run> {
 fn remove_all(socket: &Path, targets: &[String]) -> anyhow::Result<Run> {
     let requests: Vec<Request> = targets
         .iter()
-        .map(|t| Request::Remove { target: t.clone() })
+        .map(|t| Request::Remove { target: net(t) })
         .collect();
     socket_one_by_one(socket, &requests)
 }
@@ -607,7 +612,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
     eprintln!("import through the socket (same 100k: replaces)");
     let request = Request::Import {
         into: ImportInto::Block,
-        entries: import_targets,
+        entries: import_targets.iter().map(|t| net(t)).collect(),
         ttl_secs: Some(TTL_SECS),
         reason: String::new(),
         force: false,
@@ -616,9 +621,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
     let answer = control::call(&socket, &request)?;
     let wall = start.elapsed();
     drop(request);
-    let daemon_secs = answer["seconds"]
-        .as_f64()
-        .with_context(|| format!("no seconds in {answer}"))?;
+    let daemon_secs = answer.into_imported()?.seconds;
     rows.push(Row {
         path: "socket, bulk: `control::call(Import)`, same 100,000 (replaces)".into(),
         run: Run {
@@ -675,7 +678,7 @@ fn bench(lab: &mut Lab, aqd: &Path) -> anyhow::Result<Report> {
         .into_iter()
         .map(|target| Request::ListAdd {
             list: List::Allow,
-            target,
+            target: net(&target),
             ttl_secs: None,
             force: false,
         })

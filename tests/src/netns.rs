@@ -43,6 +43,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use detector_user::{
+    control::views::{KernelStatus, ListView, StatusView},
+    maps::DecisionRow,
+};
 use serde_json::Value;
 
 /// Prefix of every lab's namespaces and temp directory.
@@ -265,6 +269,17 @@ impl CmdOutput {
     /// stdout parsed as JSON.
     pub fn json(&self) -> anyhow::Result<Value> {
         serde_json::from_str(&self.stdout).with_context(|| format!("{} printed no JSON: {self}", self.what))
+    }
+
+    /// stdout parsed as one of the control protocol's typed views (`--json` prints them as they travel).
+    pub fn view<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "{} printed no {} view: {self}",
+                self.what,
+                std::any::type_name::<T>()
+            )
+        })
     }
 }
 
@@ -587,20 +602,14 @@ impl Lab {
 
     /// `aqd status --json` in the server namespace.
     pub fn status(&self) -> anyhow::Result<AqdStatus> {
-        Ok(AqdStatus {
-            json: self.aqd(&["status", "--json"])?.ok()?.json()?,
-        })
+        AqdStatus::parse(&self.aqd(&["status", "--json"])?.ok()?)
     }
 
     /// The decisions of `aqd list --json`.
     pub fn decisions(&self) -> anyhow::Result<Vec<DecisionInfo>> {
-        let json = self.aqd(&["list", "--json"])?.ok()?.json()?;
-        json["decisions"]
-            .as_array()
-            .ok_or_else(|| anyhow!("`aqd list --json` has no decisions array: {json}"))?
-            .iter()
-            .map(DecisionInfo::from_json)
-            .collect()
+        let out = self.aqd(&["list", "--json"])?.ok()?;
+        let view: ListView = out.view()?;
+        Ok(view.decisions.iter().map(DecisionInfo::from).collect())
     }
 
     // ---- the daemon ----
@@ -1039,9 +1048,11 @@ fn reap_stale_labs() {
 // aqd's JSON output
 // ---------------------------------------------------------------------------------------------------------------
 
-/// `aqd status --json`.
+/// `aqd status --json`: the typed view, and the JSON as printed (for messages and the few fields a test reads
+/// that the view does not name).
 #[derive(Clone, Debug)]
 pub struct AqdStatus {
+    pub view: StatusView,
     pub json: Value,
 }
 
@@ -1054,39 +1065,52 @@ pub struct Attachment {
 }
 
 impl AqdStatus {
+    fn parse(out: &CmdOutput) -> anyhow::Result<Self> {
+        Ok(Self {
+            view: out.view()?,
+            json: out.json()?,
+        })
+    }
+
     pub fn attachments(&self) -> Vec<Attachment> {
-        self.json["attachments"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .map(|a| Attachment {
-                        iface: a["iface"].as_str().unwrap_or_default().into(),
-                        mode: a["mode"].as_str().unwrap_or_default().into(),
-                        program_id: a["program_id"].as_u64().unwrap_or(0) as u32,
-                    })
-                    .collect()
+        self.view
+            .attachments
+            .iter()
+            .map(|a| Attachment {
+                iface: a.iface.clone(),
+                mode: a.mode.to_string(),
+                program_id: a.program_id,
             })
-            .unwrap_or_default()
+            .collect()
+    }
+
+    fn kernel(&self) -> &KernelStatus {
+        self.view
+            .kernel
+            .as_ref()
+            .unwrap_or_else(|| panic!("no kernel counters (nothing pinned?) in {}", self.json))
     }
 
     /// A per-reason packet counter (`pass_default`, `drop_block_exact`, …). Panics on an unknown name.
     pub fn reason(&self, name: &str) -> u64 {
-        self.json["reasons"][name]
-            .as_u64()
+        *self
+            .kernel()
+            .reasons
+            .get(name)
             .unwrap_or_else(|| panic!("no reason counter {name} in {}", self.json))
     }
 
-    /// Whether the answer came from a running daemon (`daemon.running`); `None` if the field is absent.
+    /// Whether the answer came from a running daemon (`daemon.running`).
     pub fn daemon_running(&self) -> Option<bool> {
-        self.json["daemon"]["running"].as_bool()
+        Some(self.view.daemon.running)
     }
 
     pub fn packets(&self) -> u64 {
-        self.json["packets"].as_u64().expect("packets")
+        self.kernel().packets
     }
 
     pub fn dropped(&self) -> u64 {
-        self.json["dropped"].as_u64().expect("dropped")
+        self.kernel().dropped
     }
 }
 
@@ -1101,22 +1125,16 @@ pub struct DecisionInfo {
     pub remaining_secs: Option<u64>,
 }
 
-impl DecisionInfo {
-    fn from_json(v: &Value) -> anyhow::Result<Self> {
-        let s = |k: &str| {
-            v[k].as_str()
-                .map(String::from)
-                .ok_or_else(|| anyhow!("decision without {k}: {v}"))
-        };
-        Ok(Self {
-            net: s("net")?,
-            action: s("action")?,
-            origin: s("origin")?,
-            hits: v["hits"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("decision without hits: {v}"))?,
-            remaining_secs: v["remaining_secs"].as_u64(),
-        })
+impl From<&DecisionRow> for DecisionInfo {
+    fn from(d: &DecisionRow) -> Self {
+        let name = |n: Option<&'static str>| n.unwrap_or("unknown").to_string();
+        Self {
+            net: d.net.to_string(),
+            action: name(d.action.map(|a| a.name())),
+            origin: name(d.origin.map(|o| o.name())),
+            hits: d.hits,
+            remaining_secs: d.remaining_secs,
+        }
     }
 }
 

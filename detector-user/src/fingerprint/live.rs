@@ -22,7 +22,7 @@ use std::{
 };
 
 use detector_common::{
-    Action, SynSignature,
+    Action, Origin, SynSignature,
     flow::{CAPTURE_BYTES, hello_status},
     syn::{SYN_MAX_OPTIONS, option_kind, quirk},
 };
@@ -36,7 +36,7 @@ use super::{
     reassembly::{Scan, StreamBuffer, first_client_hello},
     syn::{estimated_header_len, signature_text},
 };
-use crate::{clock, events::Flow};
+use crate::events::Flow;
 
 /// Distinct sources counted exactly per fingerprint before switching to a sketch.
 pub const EXACT_SOURCES: usize = 64;
@@ -864,6 +864,15 @@ impl FpAction {
         }
     }
 
+    /// The verdict that applies a kernel action.
+    pub fn from_kernel(action: Action) -> Self {
+        match action {
+            Action::Block => Self::Block,
+            Action::Throttle => Self::Throttle,
+            Action::Monitor => Self::Monitor,
+        }
+    }
+
     /// The kernel action, None for allow.
     pub fn kernel(self) -> Option<Action> {
         match self {
@@ -887,8 +896,8 @@ pub struct FpVerdict {
     pub expires_ns: u64,
     #[serde(default)]
     pub reason: String,
-    /// cli, config, …
-    pub origin: String,
+    /// Who set it (a file written before origins were typed holds the same names).
+    pub origin: Origin,
     /// Unix seconds when set.
     pub set_at: f64,
     #[serde(default)]
@@ -911,18 +920,6 @@ impl FpVerdict {
     /// The SYN key of a `syn:` verdict.
     pub fn syn_key(&self) -> Option<u64> {
         self.id.strip_prefix("syn:").and_then(|k| parse_key(k, "").ok())
-    }
-
-    /// The JSON `verdict` object of `fp list`.
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "action": self.action.name(),
-            "expires_in_secs": (self.expires_ns != 0)
-                .then(|| clock::remaining(self.expires_ns).map_or(0, |d| d.as_secs())),
-            "reason": self.reason,
-            "origin": self.origin,
-            "rate_class": self.rate_class,
-        })
     }
 }
 
@@ -1010,7 +1007,7 @@ impl FpVerdicts {
         let expired: Vec<String> = self
             .by_id
             .values()
-            .filter(|v| !v.live(now_ns) && v.origin != "config")
+            .filter(|v| !v.live(now_ns) && v.origin != Origin::Config)
             .map(|v| v.id.clone())
             .collect();
         expired.iter().filter_map(|id| self.by_id.remove(id)).collect()
@@ -1208,33 +1205,6 @@ impl LiveState {
             .collect();
         (seen.len() == 1).then(|| seen[0])
     }
-
-    /// The `fingerprints` part of `aqd status`.
-    pub fn status(&self) -> serde_json::Value {
-        let s = &self.reassembler.stats;
-        serde_json::json!({
-            "ja4_tracked": self.table.ja4.len(),
-            "syn_tracked": self.table.syn.len(),
-            "max_fingerprints": self.settings.max_fingerprints,
-            "table_evicted": self.table.evicted,
-            "memory_bytes": self.table.memory() + self.reassembler.memory(),
-            "flows_tracked": self.reassembler.flows_tracked(),
-            "flows_in_progress": self.reassembler.flows_in_progress(),
-            "max_flows": self.settings.max_flows,
-            "capture_events": s.capture_events,
-            "ja4_computed": s.ja4_computed,
-            "ja4_failed": s.ja4_failed,
-            "not_tls": s.not_tls,
-            "flows_evicted": s.flows_evicted,
-            "key_mismatch": s.key_mismatch,
-            "p0f_db": self.p0f_path,
-            "p0f_signatures": self.p0f.as_ref().map(|d| d.signatures.len()),
-            "p0f_error": self.p0f_error,
-            "escalations": self.escalation.escalations,
-            "escalation_sources": self.escalation.tracked(),
-            "hello_to_flow_verdict_latency": self.latency.view(),
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1282,16 +1252,6 @@ impl LatencyHistogram {
             }
         }
         Some(self.max_us)
-    }
-
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "count": self.count,
-            "mean_us": (self.count > 0).then(|| self.sum_us / self.count),
-            "p50_le_us": self.quantile_le_us(0.5),
-            "p99_le_us": self.quantile_le_us(0.99),
-            "max_us": (self.count > 0).then_some(self.max_us),
-        })
     }
 }
 
@@ -1515,7 +1475,7 @@ mod tests {
             rate_class: 0,
             expires_ns: 0,
             reason: String::new(),
-            origin: "cli".into(),
+            origin: Origin::Cli,
             set_at,
             ja4_r: None,
             syn_text: None,

@@ -296,11 +296,15 @@ pub struct Scored {
     pub tier: Option<Action>,
 }
 
-/// Which kind of entity to rank.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which kind of entity to rank (by name on the control socket: `source`, `prefix`, `fingerprint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
+    #[serde(alias = "sources")]
     Source,
+    #[serde(alias = "prefixes")]
     Prefix,
+    #[serde(alias = "fingerprints", alias = "fp")]
     Fingerprint,
 }
 
@@ -809,7 +813,7 @@ impl Model {
                 .map(|(k, s)| Scored {
                     scope: Scope::Source(key_addr(k)),
                     score: s.score as f64,
-                    tier: Action::from_tier(s.policy.current(now_s)),
+                    tier: Action::from_u8(s.policy.current(now_s)),
                 })
                 .collect(),
             Kind::Prefix => self
@@ -818,7 +822,7 @@ impl Model {
                 .map(|(k, g)| Scored {
                     scope: Scope::Prefix(key_net(k)),
                     score: g.score as f64,
-                    tier: Action::from_tier(g.policy.current(now_s)),
+                    tier: Action::from_u8(g.policy.current(now_s)),
                 })
                 .collect(),
             Kind::Fingerprint => self
@@ -827,7 +831,7 @@ impl Model {
                 .map(|(k, g)| Scored {
                     scope: Scope::Fingerprint(self.fp_id(*k)),
                     score: g.score as f64,
-                    tier: Action::from_tier(g.policy.current(now_s)),
+                    tier: Action::from_u8(g.policy.current(now_s)),
                 })
                 .collect(),
         };
@@ -908,7 +912,7 @@ impl Model {
             score: z as f64,
             bias: self.w.source.bias as f64,
             features: contributions(&self.w.source, &x, &SOURCE_FEATURES),
-            tier: Action::from_tier(tier),
+            tier: Action::from_u8(tier),
             expires_in_s: (tier > 0).then(|| (s.policy.until_s - now_s) as u64),
             strikes: s.policy.strikes,
             related,
@@ -936,7 +940,7 @@ impl Model {
             score: z as f64,
             bias: lin.bias as f64,
             features: contributions(lin, &x, &GROUP_FEATURES),
-            tier: Action::from_tier(tier),
+            tier: Action::from_u8(tier),
             expires_in_s: (tier > 0).then(|| (g.policy.until_s - now_s) as u64),
             strikes: g.policy.strikes,
             related: vec![],

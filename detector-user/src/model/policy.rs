@@ -6,42 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What a decision does in the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Counted and shown, traffic untouched.
-    Monitor = 1,
-    /// Held to the strict rate class.
-    Throttle = 2,
-    /// Dropped.
-    Block = 3,
-}
-
-impl Action {
-    pub(crate) fn from_tier(t: u8) -> Option<Action> {
-        match t {
-            1 => Some(Action::Monitor),
-            2 => Some(Action::Throttle),
-            3 => Some(Action::Block),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Monitor => "monitor",
-            Action::Throttle => "throttle",
-            Action::Block => "block",
-        }
-    }
-}
-
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What a decision does in the kernel: the one shared enum (names on it, serde by name).
+pub use detector_common::Action;
 
 /// Thresholds and TTLs. Thresholds are calibrated on the training scenarios (`model/weights.toml`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -178,14 +144,14 @@ impl PolicyState {
             self.tier = desired;
             self.until_s = now_s.saturating_add(ttl);
             Some(Step {
-                action: Action::from_tier(desired)?,
+                action: Action::from_u8(desired)?,
                 ttl_s: ttl,
                 refresh: false,
             })
         } else if desired == current && self.until_s.saturating_sub(now_s) < ttl / 2 {
             self.until_s = now_s.saturating_add(ttl);
             Some(Step {
-                action: Action::from_tier(desired)?,
+                action: Action::from_u8(desired)?,
                 ttl_s: ttl,
                 refresh: true,
             })

@@ -40,7 +40,7 @@ pub struct Strikes {
 }
 
 fn export(scope: StrikeScope, p: &PolicyState, now_s: u32) -> Option<Strikes> {
-    let tier = Action::from_tier(p.current(now_s));
+    let tier = Action::from_u8(p.current(now_s));
     (p.strikes > 0 || tier.is_some()).then(|| Strikes {
         scope,
         strikes: p.strikes,

@@ -14,15 +14,20 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use args::{Cli, Command, DecisionArgs, FpCommand};
 use clap::{CommandFactory as _, Parser as _};
-use detector_common::Origin;
+use detector_common::Action;
 use detector_user::{
     attach,
     config::{Config, DEFAULT_CONFIG_PATH},
-    control::{self, ClientError, ControlError, ErrorKind, ImportInto, Request},
+    control::{
+        self, ClientError, ControlError, ErrorKind, Request, Response,
+        handler::{self, Offline},
+    },
     daemon::{self, Overrides},
     enforce::{AuditLog, Enforcer},
-    fingerprint, listfile, loader,
+    fingerprint::{self, live::FpAction},
+    listfile, loader,
     maps::{KernelMaps, List},
+    model::Kind,
     paths,
     store::Store,
 };
@@ -120,7 +125,7 @@ impl Context {
     }
 
     /// Asks the daemon; `Ok(None)` when it is not running.
-    fn ask(&self, request: &Request) -> anyhow::Result<Option<Value>> {
+    fn ask(&self, request: &Request) -> anyhow::Result<Option<Response>> {
         match control::call(&self.socket, request) {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::NotRunning { .. }) => Ok(None),
@@ -128,11 +133,34 @@ impl Context {
         }
     }
 
+    /// Asks the daemon, or (down) answers on the pinned maps with the same handler when the request allows it;
+    /// `notice` says what the offline answer does (`writing`, `editing`, `reading`; None: say nothing).
+    fn answer(&self, request: Request, notice: Option<&str>) -> anyhow::Result<Response> {
+        if let Some(answer) = self.ask(&request)? {
+            return Ok(answer);
+        }
+        if !request.works_offline() {
+            return Err(ClientError::NotRunning {
+                path: self.socket.display().to_string(),
+            }
+            .into());
+        }
+        if let Some(what) = notice {
+            offline_notice(what);
+        }
+        let enforcer = if request.writes() {
+            self.offline_enforcer()?
+        } else {
+            Enforcer::new(self.maps()?, AuditLog::disabled(), self.config.clone())
+        };
+        Ok(handler::handle(&mut Offline { enforcer }, request)?)
+    }
+
     fn maps(&self) -> anyhow::Result<KernelMaps> {
         Ok(KernelMaps::from_pins(&self.pin_dir)?)
     }
 
-    /// The offline writer: the pinned maps with the same guard and audit log as the daemon.
+    /// The offline writer: the pinned maps with the same guard, audit log and state store as the daemon.
     fn offline_enforcer(&self) -> anyhow::Result<Enforcer> {
         let audit = AuditLog::open(&self.config.audit_log).unwrap_or_else(|e| {
             eprintln!("aqd: warning: {e}; this change is not audited");
@@ -184,60 +212,31 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(daemon::run(ctx.config_path.clone(), overrides))
         }
         Command::Status(a) => {
-            let view = match ctx.ask(&Request::Status {})? {
-                Some(v) => v,
-                None => match ctx.maps() {
-                    Ok(maps) => {
-                        let mut v = daemon::status_view(&maps, &maps.counters()?, attach::attachments());
-                        v["daemon"] = json!({ "running": false });
-                        v["pinned_state"] = json!(true);
-                        v
-                    }
-                    // Nothing loaded (never run, or fully detached): still a valid answer.
-                    Err(_) if !ctx.pin_dir.exists() => json!({
-                        "daemon": { "running": false },
-                        "pinned_state": false,
-                        "attachments": attach::attachments(),
-                    }),
-                    Err(e) => return Err(e),
-                },
+            let view = match ctx.answer(Request::Status {}, None) {
+                Ok(answer) => answer.into_status()?,
+                // Nothing loaded (never run, or fully detached): still a valid answer.
+                Err(_) if !ctx.pin_dir.exists() => Box::new(handler::nothing_loaded_status()),
+                Err(e) => return Err(e),
             };
             output::status(&view, &ctx.pin_dir, a.json);
             Ok(())
         }
         Command::List(a) => {
-            let view = match ctx.ask(&Request::List { what: a.what })? {
-                Some(v) => v,
-                None => {
-                    offline_notice("reading");
-                    daemon::list_view(&ctx.maps()?, a.what)?
-                }
-            };
+            let view = ctx
+                .answer(Request::List { what: a.what }, Some("reading"))?
+                .into_list()?;
             output::list(&view, a.json.json);
             Ok(())
         }
         Command::Top(a) => top(&ctx, &a),
-        Command::Block(a) => decide(&ctx, "block", &a, None),
-        Command::Monitor(a) => decide(&ctx, "monitor", &a, None),
-        Command::Throttle(a) => decide(&ctx, "throttle", &a.decision, Some(a.class)),
+        Command::Block(a) => decide(&ctx, Action::Block, &a, None),
+        Command::Monitor(a) => decide(&ctx, Action::Monitor, &a, None),
+        Command::Throttle(a) => decide(&ctx, Action::Throttle, &a.decision, Some(a.class)),
         Command::Unblock(t) => {
             let target = t.net()?;
-            match ctx.ask(&Request::Remove {
-                target: target.to_string(),
-            })? {
-                Some(_) => println!("removed the decision on {target}"),
-                None => {
-                    offline_notice("editing");
-                    if !ctx.offline_enforcer()?.remove_decision(target, Origin::Cli, "")? {
-                        return Err(ControlError::new(
-                            ErrorKind::NotFound,
-                            format!("{target} has no decision"),
-                        )
-                        .into());
-                    }
-                    println!("removed the decision on {target}");
-                }
-            }
+            ctx.answer(Request::Remove { target }, Some("editing"))?
+                .into_removed()?;
+            println!("removed the decision on {target}");
             Ok(())
         }
         Command::Allow(a) => list_add(&ctx, List::Allow, &a),
@@ -246,15 +245,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Undeny(t) => list_remove(&ctx, List::Deny, &t),
         Command::Import(a) => import(&ctx, a),
         Command::Reload => {
-            match ctx.ask(&Request::Reload {})? {
-                Some(_) => println!("config reloaded"),
-                None => {
-                    return Err(ClientError::NotRunning {
-                        path: ctx.socket.display().to_string(),
-                    }
-                    .into());
-                }
-            }
+            ctx.answer(Request::Reload {}, None)?.into_reloaded()?;
+            println!("config reloaded");
             Ok(())
         }
         Command::CheckConfig => {
@@ -305,282 +297,136 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
 /// `aqd fp …`: verdicts by fingerprint live in the daemon (it maps JA4 values to kernel keys), so these
 /// need it running.
 fn fp(ctx: &Context, command: FpCommand) -> anyhow::Result<()> {
-    let ask = |request: &Request| -> anyhow::Result<Value> {
-        ctx.ask(request)?.ok_or_else(|| {
-            ClientError::NotRunning {
-                path: ctx.socket.display().to_string(),
-            }
-            .into()
-        })
-    };
     let (action, a, class) = match command {
         FpCommand::List(j) => {
-            let rows = ask(&Request::FpList {})?;
+            let rows = ctx.answer(Request::FpList {}, None)?.into_fp_list()?;
             output::fp_list(&rows, j.json);
             return Ok(());
         }
         FpCommand::Remove(f) => {
-            ask(&Request::FpRemove { fp: f.fp.clone() })?;
-            println!("removed the verdict on {}", f.fp);
+            let removed = ctx
+                .answer(Request::FpRemove { fp: f.fp.clone() }, None)?
+                .into_fp_removed()?;
+            println!("removed the verdict on {}", removed.id);
             return Ok(());
         }
-        FpCommand::Block(a) => ("block", a, None),
-        FpCommand::Monitor(a) => ("monitor", a, None),
-        FpCommand::Allow(a) => ("allow", a, None),
-        FpCommand::Throttle(t) => ("throttle", t.verdict, Some(t.class)),
+        FpCommand::Block(a) => (FpAction::Block, a, None),
+        FpCommand::Monitor(a) => (FpAction::Monitor, a, None),
+        FpCommand::Allow(a) => (FpAction::Allow, a, None),
+        FpCommand::Throttle(t) => (FpAction::Throttle, t.verdict, Some(t.class)),
     };
-    let result = ask(&Request::FpSet {
-        fp: a.fp.fp.clone(),
-        action: action.to_string(),
-        class,
-        ttl_secs: a.ttl.map(|t| t.as_secs()),
-        permanent: a.permanent,
-        reason: a.reason.clone(),
-    })?;
-    let ttl = result["ttl_secs"]
-        .as_u64()
-        .map(|s| format!(" for {}", output::duration(s)))
-        .unwrap_or_else(|| " permanently".into());
-    let keys = result["kernel_keys"].as_array().map_or(0, Vec::len);
-    let kernel = if result["in_kernel"].as_bool() == Some(true) {
-        if keys > 0 {
-            format!(
-                " (in the kernel under {keys} ClientHello key{})",
-                if keys == 1 { "" } else { "s" }
-            )
-        } else {
-            " (in the kernel)".to_string()
-        }
-    } else {
-        String::new()
+    let set = ctx
+        .answer(
+            Request::FpSet {
+                fp: a.fp.fp.clone(),
+                action,
+                class,
+                ttl_secs: a.ttl.map(|t| t.as_secs()),
+                permanent: a.permanent,
+                reason: a.reason.clone(),
+            },
+            None,
+        )?
+        .into_fp_set()?;
+    let keys = set.kernel_keys.len();
+    let kernel = match (set.in_kernel, keys) {
+        (false, _) => String::new(),
+        (true, 0) => " (in the kernel)".to_string(),
+        (true, n) => format!(
+            " (in the kernel under {n} ClientHello key{})",
+            if n == 1 { "" } else { "s" }
+        ),
     };
     println!(
-        "{action} {}{ttl}{kernel}",
-        result["id"].as_str().unwrap_or(&a.fp.fp)
+        "{} {}{}{kernel}",
+        action.name(),
+        set.id,
+        output::for_ttl(set.ttl_secs)
     );
-    if let Some(note) = result["note"].as_str() {
+    if let Some(note) = &set.note {
         eprintln!("aqd: note: {note}");
     }
     Ok(())
 }
 
-fn decide(ctx: &Context, action: &str, a: &DecisionArgs, class: Option<String>) -> anyhow::Result<()> {
-    let target = a.target.net()?;
+fn decide(ctx: &Context, action: Action, a: &DecisionArgs, class: Option<String>) -> anyhow::Result<()> {
     let request = Request::Decide {
-        target: target.to_string(),
-        action: action.to_string(),
-        class: class.clone(),
+        target: a.target.net()?,
+        action,
+        class,
         ttl_secs: a.ttl.map(|t| t.as_secs()),
         permanent: a.permanent,
         reason: a.reason.clone(),
         force: a.force,
     };
-    let ttl = match ctx.ask(&request)? {
-        Some(v) => v["ttl_secs"].as_u64(),
-        None => {
-            offline_notice("writing");
-            let mut enforcer = ctx.offline_enforcer()?;
-            let request = detector_user::enforce::DecisionRequest {
-                target,
-                action: match action {
-                    "block" => detector_common::Action::Block,
-                    "throttle" => detector_common::Action::Throttle,
-                    _ => detector_common::Action::Monitor,
-                },
-                class,
-                ttl: a.ttl,
-                permanent: a.permanent,
-                reason: a.reason.clone(),
-                origin: Origin::Cli,
-                force: a.force,
-            };
-            enforcer.decide(&request).map_err(refusal)?.map(|t| t.as_secs())
-        }
-    };
-    let ttl = ttl
-        .map(|s| format!(" for {}", output::duration(s)))
-        .unwrap_or_else(|| " permanently".into());
-    println!("{action} {target}{ttl}");
+    let decided = ctx.answer(request, Some("writing"))?.into_decided()?;
+    println!("{action} {}{}", decided.target, output::for_ttl(decided.ttl_secs));
     Ok(())
 }
 
-/// Lockout refusals and bad values from the offline path exit like the daemon's answers.
-fn refusal(e: detector_user::enforce::EnforceError) -> anyhow::Error {
-    let kind = if e.is_refusal() {
-        ErrorKind::Refused
-    } else {
-        ErrorKind::Failed
-    };
-    ControlError::new(kind, e.to_string()).into()
-}
-
 fn list_add(ctx: &Context, list: List, a: &args::ListArgs) -> anyhow::Result<()> {
-    let target = a.target.net()?;
     let request = Request::ListAdd {
         list,
-        target: target.to_string(),
+        target: a.target.net()?,
         ttl_secs: a.ttl.map(|t| t.as_secs()),
         force: a.force,
     };
-    if ctx.ask(&request)?.is_none() {
-        offline_notice("writing");
-        ctx.offline_enforcer()?
-            .list_add(list, target, a.ttl, Origin::Cli, a.force)
-            .map_err(refusal)?;
-    }
-    println!("{target} added to the {}", output::list_name(list));
+    let added = ctx.answer(request, Some("writing"))?.into_list_edited()?;
+    println!("{} added to the {}", added.target, list.noun());
     Ok(())
 }
 
 fn list_remove(ctx: &Context, list: List, t: &args::TargetArg) -> anyhow::Result<()> {
-    let target = t.net()?;
-    if ctx
-        .ask(&Request::ListRemove {
-            list,
-            target: target.to_string(),
-        })?
-        .is_none()
-    {
-        offline_notice("editing");
-        if !ctx
-            .offline_enforcer()?
-            .list_remove(list, target, Origin::Cli)
-            .map_err(refusal)?
-        {
-            let msg = format!("{target} is not in the {}", output::list_name(list));
-            return Err(ControlError::new(ErrorKind::NotFound, msg).into());
-        }
-    }
-    println!("{target} removed from the {}", output::list_name(list));
+    let request = Request::ListRemove {
+        list,
+        target: t.net()?,
+    };
+    let removed = ctx.answer(request, Some("editing"))?.into_list_edited()?;
+    println!("{} removed from the {}", removed.target, list.noun());
     Ok(())
 }
 
 fn import(ctx: &Context, a: args::ImportArgs) -> anyhow::Result<()> {
-    let nets = listfile::load(&a.file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
+    let entries = listfile::load(&a.file).map_err(|m| ControlError::new(ErrorKind::BadRequest, m))?;
     let request = Request::Import {
         into: a.into,
-        entries: nets.iter().map(|n| n.to_string()).collect(),
+        entries,
         ttl_secs: a.ttl.map(|t| t.as_secs()),
         reason: a.reason.clone(),
         force: a.force,
     };
-    let result = match ctx.ask(&request)? {
-        Some(v) => v,
-        None => {
-            offline_notice("writing");
-            let started = std::time::Instant::now();
-            let mut enforcer = ctx.offline_enforcer()?;
-            let n = match a.into {
-                ImportInto::Block => {
-                    let requests: Vec<_> = nets
-                        .iter()
-                        .map(|&target| detector_user::enforce::DecisionRequest {
-                            target,
-                            action: detector_common::Action::Block,
-                            class: None,
-                            ttl: a.ttl,
-                            permanent: false,
-                            reason: a.reason.clone(),
-                            origin: Origin::Import,
-                            force: a.force,
-                        })
-                        .collect();
-                    enforcer
-                        .decide_many(&requests)
-                        .map_err(|(i, e)| refusal(e).context(format!("entry {}", i + 1)))?
-                }
-                into => {
-                    let list = if into == ImportInto::Allow {
-                        List::Allow
-                    } else {
-                        List::Deny
-                    };
-                    enforcer
-                        .list_add_many(list, &nets, a.ttl, Origin::Import, a.force)
-                        .map_err(|(i, e)| refusal(e).context(format!("entry {}; nothing imported", i + 1)))?
-                }
-            };
-            json!({ "imported": n, "seconds": started.elapsed().as_secs_f64() })
-        }
-    };
+    let imported = ctx.answer(request, Some("writing"))?.into_imported()?;
     println!(
         "imported {} entries from {} in {:.2}s",
-        result["imported"],
+        imported.imported,
         a.file.display(),
-        result["seconds"].as_f64().unwrap_or(0.0)
+        imported.seconds
     );
     Ok(())
 }
 
-/// Reads the per-source state twice, `interval` apart, and ranks the sources by rate. Reads the pinned maps
-/// directly (root), so it works whether or not the daemon runs.
-/// Asks the daemon; its absence is an error (the model lives only in the daemon).
-fn ask_daemon(ctx: &Context, request: &Request) -> anyhow::Result<Value> {
-    ctx.ask(request)?.ok_or_else(|| {
-        ClientError::NotRunning {
-            path: ctx.socket.display().to_string(),
-        }
-        .into()
-    })
-}
-
 fn explain(ctx: &Context, a: &args::ExplainArgs) -> anyhow::Result<()> {
-    let reply = ask_daemon(
-        ctx,
-        &Request::Explain {
-            target: a.target.clone(),
-        },
-    )?;
-    if a.json.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(());
-    }
-    output::explain(&reply);
+    let target = a
+        .target
+        .parse()
+        .unwrap_or_else(|never: std::convert::Infallible| match never {});
+    let view = ctx.answer(Request::Explain { target }, None)?.into_explain()?;
+    output::explain(&view, a.json.json);
     Ok(())
 }
 
 fn top_by_score(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
-    let kind = match a.kind {
-        args::ScoreKind::Source => "source",
-        args::ScoreKind::Prefix => "prefix",
-        args::ScoreKind::Fingerprint => "fingerprint",
+    let (kind, name) = match a.kind {
+        args::ScoreKind::Source => (Kind::Source, "source"),
+        args::ScoreKind::Prefix => (Kind::Prefix, "prefix"),
+        args::ScoreKind::Fingerprint => (Kind::Fingerprint, "fingerprint"),
     };
-    let reply = ask_daemon(
-        ctx,
-        &Request::ScoreTop {
-            kind: kind.into(),
-            limit: Some(a.limit),
-        },
-    )?;
-    if a.json.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(());
-    }
-    if reply["dry_run"].as_bool() == Some(true) {
-        println!("(dry run: the model's decisions are logged, not enforced)");
-    }
-    println!("{:<48} {:>8}  tier", kind, "score");
-    for row in reply["rows"].as_array().into_iter().flatten() {
-        let scope = &row["scope"]["value"];
-        let name = match scope {
-            Value::String(s) => s.clone(),
-            Value::Object(o) => format!(
-                "{}/{}",
-                o.get("ja4").and_then(Value::as_str).unwrap_or("-"),
-                o.get("syn_key")
-                    .and_then(Value::as_u64)
-                    .map(|k| format!("syn:{k:#018x}"))
-                    .unwrap_or_default()
-            ),
-            other => other.to_string(),
-        };
-        println!(
-            "{:<48} {:>8.3}  {}",
-            name,
-            row["score"].as_f64().unwrap_or(0.0),
-            row["tier"].as_str().unwrap_or("-")
-        );
-    }
+    let request = Request::ScoreTop {
+        kind,
+        limit: Some(a.limit),
+    };
+    let view = ctx.answer(request, None)?.into_score_top()?;
+    output::score_top(&view, name, a.json.json);
     Ok(())
 }
 
@@ -603,8 +449,8 @@ fn top(ctx: &Context, a: &args::TopArgs) -> anyhow::Result<()> {
             let decision = decisions
                 .iter()
                 .find(|d| d.net.contains(&addr))
-                .map(|d| d.action)
-                .unwrap_or("");
+                .and_then(|d| d.action)
+                .map_or("", |a| a.name());
             json!({
                 "source": addr,
                 "packets_per_s": rate(now.packets, was.packets),

@@ -1,16 +1,10 @@
-//! Human-readable renderings of the JSON views (the `--json` output is the view itself).
+//! Human-readable renderings of the typed views (`--json` prints the view itself, as it travels).
 
 use std::path::Path;
 
-use detector_user::maps::List;
+use detector_user::control::views::{ExplainView, FpKind, FpRow, ListView, ScoreTopView, StatusView};
+use serde::Serialize;
 use serde_json::Value;
-
-pub fn list_name(list: List) -> &'static str {
-    match list {
-        List::Allow => "allowlist",
-        List::Deny => "denylist",
-    }
-}
 
 /// `3h2m`, `45s`.
 pub fn duration(secs: u64) -> String {
@@ -22,30 +16,45 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
-fn ttl(v: &Value) -> String {
-    v.as_u64().map(duration).unwrap_or_else(|| "permanent".into())
+/// ` for 10m0s` or ` permanently`.
+pub fn for_ttl(secs: Option<u64>) -> String {
+    secs.map(|s| format!(" for {}", duration(s)))
+        .unwrap_or_else(|| " permanently".into())
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+fn ttl(secs: Option<u64>) -> String {
+    secs.map(duration).unwrap_or_else(|| "permanent".into())
 }
 
-pub fn list(view: &Value, json: bool) {
-    if json {
-        println!("{view}");
-        return;
+fn name<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "unknown".into(), |v| v.to_string())
+}
+
+/// The view as one line of JSON (`--json`).
+pub fn json<T: Serialize>(view: &T) {
+    println!("{}", serde_json::to_string(view).expect("views serialize"));
+}
+
+/// The view as indented JSON (`--json` for the model's views).
+pub fn json_pretty<T: Serialize>(view: &T) {
+    println!("{}", serde_json::to_string_pretty(view).expect("views serialize"));
+}
+
+pub fn list(view: &ListView, as_json: bool) {
+    if as_json {
+        return json(view);
     }
-    let empty = Vec::new();
-    let lists = view["lists"].as_array().unwrap_or(&empty);
-    let decisions = view["decisions"].as_array().unwrap_or(&empty);
     println!("{:<6} {:<43} {:>12} {:>10}", "LIST", "TARGET", "HITS", "TTL");
-    for row in lists {
-        let hits = row["hits"].as_u64().unwrap_or(0);
+    for row in &view.lists {
+        let list = match row.list {
+            detector_user::maps::List::Allow => "allow",
+            detector_user::maps::List::Deny => "deny",
+        };
         println!(
-            "{:<6} {:<43} {hits:>12} {:>10}",
-            text(&row["list"]),
-            text(&row["net"]),
-            ttl(&row["remaining_secs"])
+            "{list:<6} {:<43} {:>12} {:>10}",
+            row.net.to_string(),
+            row.hits,
+            ttl(row.remaining_secs)
         );
     }
     println!();
@@ -53,41 +62,38 @@ pub fn list(view: &Value, json: bool) {
         "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}  REASON",
         "ACTION", "TARGET", "CLASS", "ORIGIN", "HITS", "TTL"
     );
-    for d in decisions {
+    for d in &view.decisions {
         println!(
             "{:<9} {:<43} {:>5} {:>7} {:>12} {:>10}  {}",
-            text(&d["action"]),
-            text(&d["net"]),
-            d["rate_class"].as_u64().unwrap_or(0),
-            text(&d["origin"]),
-            d["hits"].as_u64().unwrap_or(0),
-            ttl(&d["remaining_secs"]),
-            text(&d["reason"])
+            name(d.action),
+            d.net.to_string(),
+            d.rate_class,
+            name(d.origin),
+            d.hits,
+            ttl(d.remaining_secs),
+            d.reason
         );
     }
 }
 
-pub fn status(view: &Value, pin_dir: &Path, json: bool) {
-    if json {
-        println!("{view}");
-        return;
+pub fn status(view: &StatusView, pin_dir: &Path, as_json: bool) {
+    if as_json {
+        return json(view);
     }
-    let daemon = &view["daemon"];
-    if daemon["running"].as_bool() == Some(true) {
-        println!(
+    match &view.daemon.details {
+        Some(d) if view.daemon.running => println!(
             "daemon: running for {}, program id {}{}",
-            duration(daemon["uptime_secs"].as_u64().unwrap_or(0)),
-            daemon["program_id"],
-            if daemon["dry_run"].as_bool() == Some(true) {
+            duration(d.uptime_secs),
+            d.program_id,
+            if d.dry_run {
                 ", DRY RUN (model decisions not enforced)"
             } else {
                 ""
             }
-        );
-    } else {
-        println!("daemon: not running (the kernel keeps enforcing what is in the maps)");
+        ),
+        _ => println!("daemon: not running (the kernel keeps enforcing what is in the maps)"),
     }
-    if view["pinned_state"].as_bool() == Some(false) {
+    if view.pinned_state == Some(false) {
         println!(
             "pin dir: {} (nothing pinned: aqd is not loaded)",
             pin_dir.display()
@@ -95,135 +101,107 @@ pub fn status(view: &Value, pin_dir: &Path, json: bool) {
     } else {
         println!("pin dir: {}", pin_dir.display());
     }
-    match view["attachments"].as_array() {
-        Some(a) if !a.is_empty() => {
-            for at in a {
-                println!(
-                    "attached: {} ({} mode, program id {})",
-                    text(&at["iface"]),
-                    text(&at["mode"]),
-                    at["program_id"]
-                );
-            }
-        }
-        _ => println!("attached: nowhere"),
+    if view.attachments.is_empty() {
+        println!("attached: nowhere");
     }
-    if view.get("packets").is_none() {
+    for at in &view.attachments {
+        println!(
+            "attached: {} ({} mode, program id {})",
+            at.iface, at.mode, at.program_id
+        );
+    }
+    let Some(k) = &view.kernel else {
         return;
-    }
+    };
     println!(
         "packets: {}  passed: {}  dropped: {}",
-        view["packets"], view["passed"], view["dropped"]
+        k.packets, k.passed, k.dropped
     );
-    if let Some(reasons) = view["reasons"].as_object() {
-        for (name, value) in reasons {
-            println!("  {name:<24} {:>14}", value.as_u64().unwrap_or(0));
-        }
+    for (name, value) in &k.reasons {
+        println!("  {name:<24} {value:>14}");
     }
-    if let (Some(sent), Some(lost)) = (view["events_sent"].as_object(), view["events_lost"].as_object()) {
-        for (kind, n) in sent {
-            let lost = lost.get(kind).and_then(Value::as_u64).unwrap_or(0);
-            println!(
-                "events {kind:<12} sent {:>12}  lost {lost:>10}",
-                n.as_u64().unwrap_or(0)
-            );
-        }
+    for (kind, sent) in &k.events_sent {
+        let lost = k.events_lost.get(kind).copied().unwrap_or(0);
+        println!("events {kind:<12} sent {sent:>12}  lost {lost:>10}");
     }
-    if let Some(maps) = view["maps"].as_array() {
-        for m in maps {
-            let (used, cap) = (
-                m["entries"].as_u64().unwrap_or(0),
-                m["capacity"].as_u64().unwrap_or(1),
-            );
-            println!(
-                "map {:<16} {used:>9} / {cap:<9} ({:.1}%)",
-                text(&m["name"]),
-                used as f64 * 100.0 / cap as f64
-            );
-        }
+    for m in &k.maps {
+        println!(
+            "map {:<16} {:>9} / {:<9} ({:.1}%)",
+            m.name,
+            m.entries,
+            m.capacity,
+            m.entries as f64 * 100.0 / m.capacity.max(1) as f64
+        );
     }
-    let ft = &view["flow_table"];
-    if ft.is_object() {
-        let (f, h, a) = (&ft["flows"], &ft["half_open"], &ft["aging"]);
-        let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    if let Some(ft) = &view.flow_table {
+        let (f, h, a) = (&ft.flows, &ft.half_open, &ft.aging);
         println!(
             "flows: {} / {} tracked; established {}  reset {}  FIN {}  aged idle {}  aged closed {}  evicted (LRU) {}",
-            n(f, "entries"),
-            n(f, "capacity"),
-            n(f, "established"),
-            n(f, "reset"),
-            n(f, "fin"),
-            n(f, "aged_idle"),
-            n(f, "aged_closed"),
-            n(f, "evicted")
+            f.entries, f.capacity, f.established, f.reset, f.fin, f.aged_idle, f.aged_closed, f.evicted
         );
         println!(
             "  half-open: {} / {}; SYNs {}  aged {}  evicted (LRU) ≥ {}",
-            n(h, "entries"),
-            n(h, "capacity"),
-            n(h, "created"),
-            n(h, "aged"),
-            n(h, "evicted_at_least")
+            h.entries, h.capacity, h.created, h.aged, h.evicted_at_least
         );
         println!(
             "  ageing: idle flows after {}, closed after {}, half-open after {}; {} passes",
-            duration(n(a, "flow_idle_timeout_secs")),
-            duration(n(a, "flow_fin_timeout_secs")),
-            duration(n(a, "half_open_timeout_secs")),
-            n(a, "passes")
+            duration(a.flow_idle_timeout_secs),
+            duration(a.flow_fin_timeout_secs),
+            duration(a.half_open_timeout_secs),
+            a.passes
         );
     }
-    let fp = &view["fingerprints"];
-    if fp.is_object() {
-        let n = |k: &str| fp[k].as_u64().unwrap_or(0);
-        let failed: u64 = fp["ja4_failed"]
-            .as_object()
-            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    if let Some(fp) = &view.fingerprints {
         println!(
             "fingerprints: {} JA4, {} SYN signatures (max {} each), {} KiB; {} verdicts",
-            n("ja4_tracked"),
-            n("syn_tracked"),
-            n("max_fingerprints"),
-            n("memory_bytes") / 1024,
-            n("verdicts")
+            fp.ja4_tracked,
+            fp.syn_tracked,
+            fp.max_fingerprints,
+            fp.memory_bytes / 1024,
+            fp.verdicts
         );
         println!(
             "  JA4 computed {}  failed {}  not TLS {}  flows in progress {} (max {})  kernel key mismatches {}",
-            n("ja4_computed"),
-            failed,
-            n("not_tls"),
-            n("flows_in_progress"),
-            n("max_flows"),
-            n("key_mismatch")
+            fp.ja4_computed,
+            fp.ja4_failed.values().sum::<u64>(),
+            fp.not_tls,
+            fp.flows_in_progress,
+            fp.max_flows,
+            fp.key_mismatch
         );
-        let w = &fp["writes"];
+        let w = &fp.writes;
         println!(
             "  verdict installs {}  removals {}  flow verdicts {} (missed {})  escalations {}",
-            w["verdict_installs"].as_u64().unwrap_or(0),
-            w["verdict_removals"].as_u64().unwrap_or(0),
-            w["flow_actions"].as_u64().unwrap_or(0),
-            w["flow_actions_missed"].as_u64().unwrap_or(0),
-            n("escalations")
+            w.verdict_installs, w.verdict_removals, w.flow_actions, w.flow_actions_missed, fp.escalations
         );
-        let l = &fp["hello_to_flow_verdict_latency"];
-        if l["count"].as_u64().unwrap_or(0) > 0 {
+        let l = &fp.hello_to_flow_verdict_latency;
+        if l.count > 0 {
+            let us = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| v.to_string());
             println!(
                 "  ClientHello → flow verdict: {} samples, mean {} µs, p50 ≤ {} µs, p99 ≤ {} µs, max {} µs",
-                l["count"], l["mean_us"], l["p50_le_us"], l["p99_le_us"], l["max_us"]
+                l.count,
+                us(l.mean_us),
+                us(l.p50_le_us),
+                us(l.p99_le_us),
+                us(l.max_us)
             );
         }
-        match (fp["p0f_signatures"].as_u64(), fp["p0f_error"].as_str()) {
-            (Some(sigs), _) => println!("  p0f: {sigs} signatures from {}", text(&fp["p0f_db"])),
+        match (fp.p0f_signatures, &fp.p0f_error) {
+            (Some(sigs), _) => println!(
+                "  p0f: {sigs} signatures from {}",
+                fp.p0f_db
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |p| p.display().to_string())
+            ),
             (None, Some(e)) => println!("  p0f: unavailable ({e}); SYN signatures unlabelled"),
             (None, None) => println!("  p0f: no database configured; SYN signatures unlabelled"),
         }
     }
 }
 
-pub fn top(rows: &[Value], json: bool) {
-    if json {
-        println!("{}", Value::from(rows.to_vec()));
-        return;
+pub fn top(rows: &[Value], as_json: bool) {
+    if as_json {
+        return json(&rows);
     }
     println!(
         "{:<40} {:>10} {:>12} {:>9} {:>9} {:>12} {:>9}",
@@ -231,6 +209,7 @@ pub fn top(rows: &[Value], json: bool) {
     );
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
         println!(
             "{:<40} {:>10.1} {:>12.0} {:>9.1} {:>9.1} {:>12} {:>9}",
             text(&r["source"]),
@@ -244,8 +223,27 @@ pub fn top(rows: &[Value], json: bool) {
     }
 }
 
-fn ago(v: &Value) -> String {
-    let Some(t) = v.as_u64() else {
+/// `aqd top --by score`.
+pub fn score_top(view: &ScoreTopView, kind: &str, as_json: bool) {
+    if as_json {
+        return json_pretty(view);
+    }
+    if view.dry_run {
+        println!("(dry run: the model's decisions are logged, not enforced)");
+    }
+    println!("{:<48} {:>8}  tier", kind, "score");
+    for row in &view.rows {
+        println!(
+            "{:<48} {:>8.3}  {}",
+            row.scope.to_string(),
+            row.score,
+            row.tier.map_or("-", |t| t.name())
+        );
+    }
+}
+
+fn ago(t: Option<u64>) -> String {
+    let Some(t) = t else {
         return "-".into();
     };
     let now = std::time::SystemTime::now()
@@ -255,112 +253,104 @@ fn ago(v: &Value) -> String {
 }
 
 /// `aqd fp list`.
-pub fn fp_list(rows: &Value, json: bool) {
-    if json {
-        println!("{rows}");
-        return;
+pub fn fp_list(rows: &[FpRow], as_json: bool) {
+    if as_json {
+        return json(&rows);
     }
-    let empty = Vec::new();
-    let rows = rows.as_array().unwrap_or(&empty);
     println!(
         "{:<4} {:>8} {:>8} {:>11} {:>11}  {:<22} FINGERPRINT / DETAIL",
         "KIND", "CONNS", "SOURCES", "FIRST", "LAST", "VERDICT"
     );
     for r in rows {
-        let verdict = match &r["verdict"] {
-            Value::Null => "-".to_string(),
-            v => {
-                let left = v["expires_in_secs"]
-                    .as_u64()
-                    .map(duration)
-                    .unwrap_or_else(|| "permanent".into());
-                format!("{} ({left})", text(&v["action"]))
-            }
+        let verdict = match &r.verdict {
+            None => "-".to_string(),
+            Some(v) => format!("{} ({})", v.action.name(), ttl(v.expires_in_secs)),
         };
-        let sources = format!(
-            "{}{}",
-            if r["sources_estimated"].as_bool() == Some(true) {
-                "~"
-            } else {
-                ""
-            },
-            r["sources"].as_u64().unwrap_or(0)
-        );
+        let sources = format!("{}{}", if r.sources_estimated { "~" } else { "" }, r.sources);
+        let kind = match r.kind {
+            FpKind::Ja4 => "ja4",
+            FpKind::Syn => "syn",
+        };
         println!(
-            "{:<4} {:>8} {:>8} {:>11} {:>11}  {:<22} {}",
-            text(&r["kind"]),
-            r["connections"].as_u64().unwrap_or(0),
+            "{kind:<4} {:>8} {:>8} {:>11} {:>11}  {:<22} {}",
+            r.connections,
             sources,
-            ago(&r["first_seen"]),
-            ago(&r["last_seen"]),
+            ago(r.first_seen),
+            ago(r.last_seen),
             verdict,
-            text(&r["fingerprint"])
+            r.fingerprint
         );
-        if r["kind"] == "syn" {
-            let label = r["label"].as_str().unwrap_or("?");
-            println!("{:>71} {}  p0f: {label}", "", text(&r["key"]));
-        } else {
-            if let Some(ja4_r) = r["ja4_r"].as_str() {
-                println!("{:>71} {ja4_r}", "");
-            }
-            let keys: Vec<String> = r["kernel_keys"]
-                .as_array()
-                .map(|k| k.iter().map(text).collect())
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                println!("{:>71} kernel keys: {}", "", keys.join(" "));
+        match r.kind {
+            FpKind::Syn => println!(
+                "{:>71} {}  p0f: {}",
+                "",
+                r.key.as_deref().unwrap_or("-"),
+                r.label.as_deref().unwrap_or("?")
+            ),
+            FpKind::Ja4 => {
+                if let Some(ja4_r) = &r.ja4_r {
+                    println!("{:>71} {ja4_r}", "");
+                }
+                if !r.kernel_keys.is_empty() {
+                    println!("{:>71} kernel keys: {}", "", r.kernel_keys.join(" "));
+                }
             }
         }
-        if let Some(reason) = r["verdict"]["reason"].as_str().filter(|s| !s.is_empty()) {
-            println!("{:>71} reason: {reason}", "");
+        if let Some(v) = r.verdict.as_ref().filter(|v| !v.reason.is_empty()) {
+            println!("{:>71} reason: {}", "", v.reason);
         }
     }
 }
 
 /// `aqd explain` as text: the score, the features by contribution, related clusters, decisions.
-pub fn explain(reply: &Value) {
-    println!("{}", reply["target"].as_str().unwrap_or(""));
-    if reply["dry_run"].as_bool() == Some(true) {
+pub fn explain(view: &ExplainView, as_json: bool) {
+    if as_json {
+        return json_pretty(view);
+    }
+    println!("{}", view.target);
+    if view.dry_run {
         println!("  (dry run: model decisions are logged, not enforced)");
     }
-    let model = &reply["model"];
-    if model.is_null() {
-        println!("  the model holds no scores for it now");
-    } else {
-        println!(
-            "  score {:.3} (bias {:.2}), tier {}, strikes {}",
-            model["score"].as_f64().unwrap_or(0.0),
-            model["bias"].as_f64().unwrap_or(0.0),
-            model["tier"].as_str().unwrap_or("none"),
-            model["strikes"].as_u64().unwrap_or(0)
-        );
-        if let Some(why) = model["why_not_blocked"].as_str() {
-            println!("  not blocked: {why}");
-        }
-        println!("  features (value → contribution to the log-odds):");
-        for f in model["features"].as_array().into_iter().flatten() {
+    match &view.model {
+        None => println!("  the model holds no scores for it now"),
+        Some(model) => {
             println!(
-                "    {:<28} {:>10.3} → {:>+7.3}",
-                f["feature"].as_str().unwrap_or("?"),
-                f["value"].as_f64().unwrap_or(0.0),
-                f["contribution"].as_f64().unwrap_or(0.0)
+                "  score {:.3} (bias {:.2}), tier {}, strikes {}",
+                model.score,
+                model.bias,
+                model.tier.map_or("none", |t| t.name()),
+                model.strikes
             );
-        }
-        for r in model["related"].as_array().into_iter().flatten() {
-            println!("  related: {} score {:.3}", r[0], r[1].as_f64().unwrap_or(0.0));
-        }
-        for h in model["history"].as_array().into_iter().flatten() {
-            println!("  history: {h}");
+            if let Some(why) = &model.why_not_blocked {
+                println!("  not blocked: {why}");
+            }
+            println!("  features (value → contribution to the log-odds):");
+            for f in &model.features {
+                println!(
+                    "    {:<28} {:>10.3} → {:>+7.3}",
+                    f.feature, f.value, f.contribution
+                );
+            }
+            for (scope, score) in &model.related {
+                println!("  related: {scope} score {score:.3}");
+            }
+            for h in &model.history {
+                println!(
+                    "  history: {}",
+                    serde_json::to_string(h).expect("views serialize")
+                );
+            }
         }
     }
-    for d in reply["decisions"].as_array().into_iter().flatten() {
+    for h in &view.decisions {
+        let d = &h.decision;
         println!(
             "  decision: {} {} ttl {}s → {} ({})",
-            d["decision"]["action"].as_str().unwrap_or("?"),
-            d["decision"]["scope"]["value"],
-            d["decision"]["ttl"]["secs"].as_u64().unwrap_or(0),
-            d["outcome"].as_str().unwrap_or("?"),
-            d["decision"]["reason"].as_str().unwrap_or("")
+            d.action,
+            d.scope,
+            d.ttl.as_secs(),
+            h.outcome,
+            d.reason
         );
     }
 }
