@@ -18,38 +18,46 @@ use crate::{
 /// (`DropUnverifiedThrottled`) instead of charging them. Forged packets inside a throttled /24 can then spend
 /// its connection budget — new connections of its honest users wait — but never the packet budget of their
 /// established connections. UDP cannot be verified and charges the packet budget as it comes.
+///
+/// One of three: no bits (the source's own bucket in its `SOURCES` entry: rate class 0, a
+/// fingerprint's throttle), [`Budget::EXACT`] (a throttle decision on the exact address: its bucket in
+/// `EXACT_BUCKETS`) or [`Budget::PREFIX`] (a throttle decision on the /24 or /64: the prefix's shared bucket in
+/// `PREFIX_BUCKETS`).
+///
+/// Kept as the budget bits of the policy outcome, not as an enum: decoding them into one of three constants
+/// (branches) early in `aqd_xdp` gave the verifier one copy of every path between the decode and the charge
+/// per constant, which on kernels that prune less (Debian's 6.1) took `aqd_xdp` over its instruction budget.
+/// Masked bits read from map memory are one unknown value on every path; the three-way choice is made only
+/// where the bucket is looked up ([`limit_source`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Budget {
-    /// The source's own bucket in its `SOURCES` entry (rate class 0, a fingerprint's throttle).
-    Source,
-    /// A throttle decision on the exact address: its bucket in `EXACT_BUCKETS`.
-    Exact,
-    /// A throttle decision on the /24 or /64: the prefix's shared bucket in `PREFIX_BUCKETS`.
-    Prefix,
-}
+pub struct Budget(u8);
 
 impl Budget {
+    /// A throttle decision on the exact address.
+    pub const EXACT: Self = Self(policy_flag::EXACT_LIMIT);
+    /// A throttle decision on the /24 or /64 (wins if both bits are set; a walk sets one).
+    pub const PREFIX: Self = Self(policy_flag::PREFIX_LIMIT);
+
     /// From the budget bits of a cached policy outcome (`policy_flag`) or of `Scratch::flags` (`scratch_flag`
-    /// uses the same bits for them).
+    /// uses the same bits for them). A mask, no branch.
     #[inline(always)]
     pub fn of_flags(flags: u8) -> Self {
-        if flags & policy_flag::PREFIX_LIMIT != 0 {
-            Self::Prefix
-        } else if flags & policy_flag::EXACT_LIMIT != 0 {
-            Self::Exact
-        } else {
-            Self::Source
-        }
+        Self(flags & (Self::EXACT.0 | Self::PREFIX.0))
     }
 
-    /// `scratch_flag` bits that hand this budget to `aqd_tcp`.
+    /// `scratch_flag` bits that hand this budget to `aqd_tcp`: the same bits.
     #[inline(always)]
     pub fn scratch_flags(self) -> u8 {
-        match self {
-            Self::Source => 0,
-            Self::Exact => scratch_flag::EXACT_LIMIT,
-            Self::Prefix => scratch_flag::PREFIX_LIMIT,
-        }
+        const _: () = assert!(
+            scratch_flag::EXACT_LIMIT == Budget::EXACT.0 && scratch_flag::PREFIX_LIMIT == Budget::PREFIX.0
+        );
+        self.0
+    }
+
+    /// A throttle decision's budget (exact or prefix), not the source's own.
+    #[inline(always)]
+    pub fn is_decision(self) -> bool {
+        self.0 != 0
     }
 }
 
@@ -139,14 +147,15 @@ pub fn limit_source(
         state.conns += 1;
     }
     // A decision bucket whose insert failed (cold path) falls back to the source's own.
-    let bucket = match budget {
-        Budget::Source => &raw mut state.bucket,
-        Budget::Exact => decision_bucket(&EXACT_BUCKETS, src).unwrap_or(&raw mut state.bucket),
-        Budget::Prefix => {
-            decision_bucket(&PREFIX_BUCKETS, &src.prefix_scope()).unwrap_or(&raw mut state.bucket)
-        }
+    let decision = if budget.0 & Budget::PREFIX.0 != 0 {
+        decision_bucket(&PREFIX_BUCKETS, &src.prefix_scope())
+    } else if budget.0 & Budget::EXACT.0 != 0 {
+        decision_bucket(&EXACT_BUCKETS, src)
+    } else {
+        None
     };
-    let verdict = rate_limit(bucket, class, is_syn, budget != Budget::Source, clock);
+    let bucket = decision.unwrap_or(&raw mut state.bucket);
+    let verdict = rate_limit(bucket, class, is_syn, budget.is_decision(), clock);
     if verdict.is_some() {
         state.rate_drops += 1;
     }

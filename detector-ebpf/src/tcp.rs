@@ -503,7 +503,7 @@ fn unverified(
     clock: &mut Clock,
 ) -> Reason {
     let budget = budget(scratch);
-    if budget != Budget::Source {
+    if budget.is_decision() {
         return Reason::DropUnverifiedThrottled;
     }
     let class = scratch.rate_class as u32;

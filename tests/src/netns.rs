@@ -81,11 +81,16 @@ pub fn unavailable() -> Option<&'static str> {
 
 /// A fresh lab for a test, or `None` (skipped, see [`crate::skip_or_fail`]) where labs cannot be built.
 pub fn lab_for_test() -> Option<Lab> {
+    lab_with_queues_for_test(1)
+}
+
+/// [`lab_for_test`] with `queues` receive and transmit queues on each end of the veth pair.
+pub fn lab_with_queues_for_test(queues: u16) -> Option<Lab> {
     if let Some(why) = unavailable() {
         crate::skip_or_fail(why);
         return None;
     }
-    Some(Lab::new().expect("building the lab"))
+    Some(Lab::with_queues(queues).expect("building the lab"))
 }
 
 /// The `aqd` binary: `$AQD_BIN`, else `<workspace>/target/debug/aqd`.
@@ -403,6 +408,14 @@ pub struct Lab {
 impl Lab {
     /// Builds a fresh lab. Fails (after cleaning up what it made) if any step fails.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_queues(1)
+    }
+
+    /// [`Self::new`] with `queues` receive and transmit queues on each end of the veth pair (`numrxqueues`,
+    /// `numtxqueues`): frames the client sends on its transmit queue N arrive on the server's receive queue N,
+    /// whose NAPI instance runs the XDP program (native mode).
+    pub fn with_queues(queues: u16) -> anyhow::Result<Self> {
+        ensure!(queues >= 1, "a veth needs at least one queue, not {queues}");
         reap_stale_labs();
         let aqd = aqd_bin()?;
         let pid = std::process::id();
@@ -435,11 +448,12 @@ impl Lab {
             daemon: None,
             daemons_started: 0,
         };
-        lab.build().with_context(|| format!("building lab {}", lab.id))?;
+        lab.build(queues)
+            .with_context(|| format!("building lab {}", lab.id))?;
         Ok(lab)
     }
 
-    fn build(&mut self) -> anyhow::Result<()> {
+    fn build(&mut self, queues: u16) -> anyhow::Result<()> {
         fs::create_dir(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         self.dir_created = true;
         // Everything aqd writes outside bpffs stays in the lab too (never /run/aqd or /var/log/aqd).
@@ -460,10 +474,15 @@ impl Lab {
         }
         let (c, s) = (&self.client, &self.server);
         // Created inside the namespaces: the names never exist in (or collide in) the caller's namespace.
+        let q = if queues > 1 {
+            format!(" numtxqueues {queues} numrxqueues {queues}")
+        } else {
+            String::new()
+        };
         ip_in(
             c,
             &format!(
-                "link add {CLIENT_IF} address {CLIENT_MAC} type veth peer name {SERVER_IF} address {SERVER_MAC} \
+                "link add {CLIENT_IF} address {CLIENT_MAC}{q} type veth peer name {SERVER_IF} address {SERVER_MAC}{q} \
                  netns {}",
                 s.name
             ),

@@ -406,3 +406,63 @@ fn forged_packets_in_a_throttled_prefix_cannot_spend_its_honest_users_budget() {
     }
     assert_eq!(sent(&mut k), Reason::DropRatePackets, "then the budget is spent");
 }
+
+/// Issue 9 item 9: 1,000 addresses in a throttled prefix share its budget. Every address of a throttled /24 (all
+/// 256, four connections each: 1,024) and 1,000 addresses of a throttled /64 (one connection each) open their
+/// connections at one instant (the test clock stands still): between them they get the class's connection burst
+/// once, and the flows that got through the class's packet burst once, not each address its own.
+#[test]
+fn a_thousand_addresses_of_a_throttled_prefix_share_its_budget() {
+    const CONN_BURST: usize = 200;
+    const PACKET_BURST: usize = 300;
+    let mut k = load();
+    k.maps
+        .set_rate_class(4, rate_class_limits(1, PACKET_BURST as u32, 1, CONN_BURST as u32))
+        .unwrap();
+    throttle(&mut k, "198.51.100.0/24", 4);
+    throttle(&mut k, "2001:db8:9:9::/64", 4);
+    let v4: Vec<(String, u16)> = (0..1024u32)
+        .map(|i| (format!("198.51.100.{}", i % 256), 30000 + (i / 256) as u16))
+        .collect();
+    let v6: Vec<(String, u16)> = (1..=1000u32)
+        .map(|i| (format!("2001:db8:9:9::{i:x}"), 30000))
+        .collect();
+    for (clients, dst) in [(v4, "10.0.0.1"), (v6, "2001:db8::1")] {
+        let addresses: std::collections::HashSet<&str> = clients.iter().map(|(a, _)| a.as_str()).collect();
+        assert!(addresses.len() >= 256, "{} distinct addresses", addresses.len());
+        let mut connected = Vec::new();
+        for (src, port) in &clients {
+            let syn = Segment::syn(src, dst, PORT).with_src_port(*port);
+            match reason(&mut k, &syn) {
+                Reason::PassThrottled => connected.push(syn),
+                Reason::DropRateConnections => {}
+                other => panic!("{src}:{port}: a SYN got {other:?}"),
+            }
+        }
+        assert_eq!(
+            connected.len(),
+            CONN_BURST,
+            "{dst}: the prefix's connection burst, shared"
+        );
+        // Their handshakes complete; each ACK spends one token of the shared packet budget.
+        for syn in &connected {
+            k.run_egress(&syn.syn_ack().build()).unwrap();
+            assert_eq!(reason(&mut k, &syn.handshake_ack()), Reason::PassThrottled);
+            assert!(k.flow(&syn.tuple()).is_some(), "handshake verified");
+        }
+        // A request on every connection: what is left of the packet burst passes, then every address is refused.
+        let mut passed = 0;
+        for syn in &connected {
+            match reason(&mut k, &syn.data(0, b"GET / HTTP/1.1\r\n\r\n")) {
+                Reason::PassThrottled => passed += 1,
+                Reason::DropRatePackets => {}
+                other => panic!("{:?}: a request got {other:?}", syn.tuple()),
+            }
+        }
+        assert_eq!(
+            passed,
+            PACKET_BURST - CONN_BURST,
+            "{dst}: the rest of the shared packet burst"
+        );
+    }
+}
