@@ -247,7 +247,7 @@ impl Default for ModelConfig {
             source_idle_s: 3600,
             group_idle_s: 7200,
             min_prefix_sources: 4,
-            cluster_min_sources: 10,
+            cluster_min_sources: 25,
             fingerprint_max_action: Action::Throttle,
             fingerprint_min_purity: 0.9,
             history_len: 10_000,
@@ -495,6 +495,9 @@ impl Model {
         }
         let (first_slot, first_epoch) = s.request(t, bytes, hour);
         let regularity = s.regularity();
+        // A scheduled burster's coactivity is its schedule: its groups' member coactivity counts it only in
+        // proportion to 1 − scheduled_bursts, as its own features do.
+        let sched_keep = 1.0 - s.scheduled_bursts(t as f32 * 1e-9 - s.first_s as f32);
         let mut fpv = GroupView::default();
         if s.fp != 0 {
             let g = self.fps.get_or_insert(s.fp, t, || GroupState::new(t));
@@ -508,7 +511,7 @@ impl Model {
             }
             g.purity_sample(bucket, x);
             fpv = g.view(min);
-            g.member_sample(regularity, s.coact);
+            g.member_sample(regularity, s.coact * sched_keep);
         }
         let p = self
             .prefixes
@@ -517,7 +520,7 @@ impl Model {
         if first_slot && s.fp == 0 && p.coact_ready() {
             s.coact_sample(((others as f32 + 1.0) / (p.expected_others() + 1.0)).ln());
         }
-        p.member_sample(regularity, s.coact);
+        p.member_sample(regularity, s.coact * sched_keep);
         // Scored at most once per 1 s slot: decisions are taken once a second (tick), so scoring every request of
         // a busy source would only repeat the work; a source is scored on its first request in every slot.
         if !first_slot {
