@@ -223,12 +223,16 @@ pub struct ModelConfig {
     /// A prefix needs this many active sources before it can be throttled or blocked as a whole.
     pub min_prefix_sources: u32,
     /// A cluster (fingerprint or prefix) passes its score on to its members only from this many active sources
-    /// on (fully from 4×), and a fingerprint cluster is throttled as a whole only from 4× on.
+    /// on (fully from 4×).
     pub cluster_min_sources: u32,
     /// Fingerprint clusters are throttled at most (never blocked: their members include unseen clients) ...
     pub fingerprint_max_action: Action,
     /// ... and only when this share of their traffic comes from members that look like the cluster.
     pub fingerprint_min_purity: f32,
+    /// Active sources a pure fingerprint cluster needs before a decision at fingerprint scope may exceed monitor
+    /// (kept apart from `cluster_min_sources`: members inherit from 25 sources, fully from 100, but a pure cluster
+    /// of 40 is acted on as a whole, which decides a new hydra's members on their first request).
+    pub fingerprint_min_sources: u32,
     /// Decisions kept for `explain` (all scopes).
     pub history_len: usize,
 }
@@ -248,6 +252,7 @@ impl Default for ModelConfig {
             group_idle_s: 7200,
             min_prefix_sources: 4,
             cluster_min_sources: 25,
+            fingerprint_min_sources: 40,
             fingerprint_max_action: Action::Throttle,
             fingerprint_min_purity: 0.9,
             history_len: 10_000,
@@ -658,7 +663,7 @@ impl Model {
             }
             g.score = z;
             let pure = g.purity() >= self.cfg.fingerprint_min_purity;
-            let big = g.active_sources() >= 4.0 * self.cfg.cluster_min_sources as f32;
+            let big = g.active_sources() >= self.cfg.fingerprint_min_sources as f32;
             let max_tier = if pure && big {
                 self.cfg.fingerprint_max_action as u8
             } else {
