@@ -26,9 +26,14 @@ pub const SIZE_BUCKETS: usize = 32;
 const TEMPLATE_PRIOR: f32 = 0.25;
 /// The sustained rate is counted over at least this long (a burst of a minute is not sustained volume).
 const SUSTAIN_MIN_S: f32 = 120.0;
+/// A gap at least this long is idle time between bursts; one shorter than `DENSE_GAP_S` is inside a burst.
+const IDLE_GAP_S: f32 = 60.0;
+const DENSE_GAP_S: f32 = 5.0;
+/// A source is judged a scheduled burster only after this long (persistence: a new source has no rhythm yet).
+const SCHEDULED_MIN_AGE_S: f32 = 120.0;
 
 /// Names of the source features, in vector order.
-pub const SOURCE_FEATURES: [&str; 14] = [
+pub const SOURCE_FEATURES: [&str; 15] = [
     "rate",                // ln(1 + requests/s), 10 s horizon
     "volume",              // ln(1 + client kB/s), 10 min horizon
     "concurrency",         // ln(1 + open connections)
@@ -43,11 +48,12 @@ pub const SOURCE_FEATURES: [&str; 14] = [
     "templated_rate",      // rate × size_repetition: many requests of the same few sizes
     "sustained_rate",      // ln(1 + requests/s over 10 min, counted over at least 2 min): volume that lasts
     "sustained_templated", // sustained_rate × size_repetition × regularity above Poisson: a tool, not a person
+    "scheduled_bursts", // dense bursts between long idle gaps (CI runners, cron): discounts the synchrony evidence
 ];
 pub const NS: usize = SOURCE_FEATURES.len();
 /// Position of `sustained_templated` (the single-source tool rule reads it).
 pub const SUSTAINED_TEMPLATED: usize = 13;
-const _: () = assert!(NS == 14);
+const _: () = assert!(NS == 15);
 
 /// Names of the group features (fingerprint clusters and prefixes), in vector order.
 pub const GROUP_FEATURES: [&str; 11] = [
@@ -224,7 +230,7 @@ fn duty(bits: u32, last_hour: u32, now_hour: u32) -> f32 {
     b.count_ones() as f32 / 24.0
 }
 
-/// Per-source state: 136 bytes, fixed (152 with its key in the table's slot).
+/// Per-source state: 152 bytes, fixed (168 with its key in the table's slot).
 #[derive(Clone, Debug, Default)]
 #[repr(C)]
 pub(crate) struct SourceState {
@@ -248,6 +254,13 @@ pub(crate) struct SourceState {
     pub open: u16,
     /// Sum of `hist` (kept so that template matching is O(1) per request).
     pub hist_n: u16,
+    /// Inter-arrival gaps counted (all lengths), those inside a burst (< `DENSE_GAP_S`) and the idle ones
+    /// (≥ `IDLE_GAP_S`); halved together when `gaps_n` saturates.
+    pub gaps_n: u16,
+    pub dense_n: u16,
+    pub idle_n: u16,
+    /// Seconds spent in idle gaps (≥ `IDLE_GAP_S`, including session breaks).
+    pub idle_s: f32,
     pub flags: u8,
     pub policy: PolicyState,
     pub hist: [u8; SIZE_BUCKETS],
@@ -317,6 +330,18 @@ impl SourceState {
         self.hist_n += 1;
         if self.last_req_ns != 0 && now_ns > self.last_req_ns {
             let gap = (now_ns - self.last_req_ns) as f32 * 1e-9;
+            if self.gaps_n == u16::MAX {
+                self.gaps_n /= 2;
+                self.dense_n /= 2;
+                self.idle_n /= 2;
+            }
+            self.gaps_n += 1;
+            if gap < DENSE_GAP_S {
+                self.dense_n += 1;
+            } else if gap >= IDLE_GAP_S {
+                self.idle_n = self.idle_n.saturating_add(1);
+                self.idle_s += gap;
+            }
             if gap < MAX_GAP_S {
                 self.ia_n = self.ia_n.saturating_add(1);
                 let a = (1.0 / self.ia_n as f32).max(1.0 / 32.0);
@@ -357,6 +382,22 @@ impl SourceState {
         tm.max(co)
     }
 
+    /// How much the source looks like a scheduled job (a CI runner, a cron batch): persistent (seen for ≥ 2 min),
+    /// back after at least one idle gap, most of its lifetime idle (share of time in gaps ≥ 60 s: 0 at
+    /// ≤ 50 %, 1 from 75 %) and its requests packed in dense bursts (share of gaps < 5 s: 0 at ≤ 60 %, 1 from
+    /// 90 %). Such sources fire together with the others of their schedule by design; a hydra moves together
+    /// continuously (no idle majority) and a slow campaign's gaps are not dense. 0 to 1.
+    pub(crate) fn scheduled_bursts(&self, age_s: f32) -> f32 {
+        if age_s < SCHEDULED_MIN_AGE_S || self.idle_n < 1 || self.gaps_n < 8 {
+            return 0.0;
+        }
+        let idle = (self.idle_s / age_s).min(1.0);
+        let dense = self.dense_n as f32 / self.gaps_n as f32;
+        let a = ((idle - 0.5) / 0.25).clamp(0.0, 1.0);
+        let b = ((dense - 0.6) / 0.3).clamp(0.0, 1.0);
+        a * b
+    }
+
     fn coact_shrunk(&self) -> f32 {
         let n = self.coact_n as f32;
         self.coact * n / (n + 2.0)
@@ -385,7 +426,11 @@ impl SourceState {
         let bytes_slow = self.bytes_slow * decay(dt, SLOW_TAU_S);
         let req_slow = self.req_slow * decay(dt, SLOW_TAU_S);
         let (top, ent, n) = hist_stats_u8(&self.hist);
-        let like = self.likeness(fp);
+        let sched = self.scheduled_bursts(age);
+        // A scheduled burster's synchrony is its schedule, not coordination: it inherits from its clusters and
+        // counts its coactivity only in proportion to 1 − scheduled_bursts (it is judged on its own traffic).
+        let keep = 1.0 - sched;
+        let like = self.likeness(fp) * keep;
         let r = rate(req_fast, FAST_TAU_S, age).ln_1p();
         let rep = shrink(top, n, 0.3, 4.0);
         let reg = self.regularity();
@@ -398,13 +443,14 @@ impl SourceState {
             shrink(ent, n, 0.6, 4.0),
             reg,
             duty(self.hours, self.last_hour, now_hour),
-            self.coact_shrunk().max(0.0),
+            self.coact_shrunk().max(0.0) * keep,
             self.template_match(fp),
             fp.score * like,
             px.score * like,
             r * rep,
             sustained,
             sustained * rep * ((reg - 0.5) * 2.0).clamp(0.0, 1.0),
+            sched,
         ]
     }
 }

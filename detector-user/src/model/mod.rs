@@ -223,12 +223,16 @@ pub struct ModelConfig {
     /// A prefix needs this many active sources before it can be throttled or blocked as a whole.
     pub min_prefix_sources: u32,
     /// A cluster (fingerprint or prefix) passes its score on to its members only from this many active sources
-    /// on (fully from 4×), and a fingerprint cluster is throttled as a whole only from 4× on.
+    /// on (fully from 4×).
     pub cluster_min_sources: u32,
     /// Fingerprint clusters are throttled at most (never blocked: their members include unseen clients) ...
     pub fingerprint_max_action: Action,
     /// ... and only when this share of their traffic comes from members that look like the cluster.
     pub fingerprint_min_purity: f32,
+    /// Active sources a pure fingerprint cluster needs before a decision at fingerprint scope may exceed monitor
+    /// (kept apart from `cluster_min_sources`: members inherit from 25 sources, fully from 100, but a pure cluster
+    /// of 40 is acted on as a whole, which decides a new hydra's members on their first request).
+    pub fingerprint_min_sources: u32,
     /// Decisions kept for `explain` (all scopes).
     pub history_len: usize,
 }
@@ -247,7 +251,8 @@ impl Default for ModelConfig {
             source_idle_s: 3600,
             group_idle_s: 7200,
             min_prefix_sources: 4,
-            cluster_min_sources: 10,
+            cluster_min_sources: 25,
+            fingerprint_min_sources: 40,
             fingerprint_max_action: Action::Throttle,
             fingerprint_min_purity: 0.9,
             history_len: 10_000,
@@ -499,6 +504,9 @@ impl Model {
         }
         let (first_slot, first_epoch) = s.request(t, bytes, hour);
         let regularity = s.regularity();
+        // A scheduled burster's coactivity is its schedule: its groups' member coactivity counts it only in
+        // proportion to 1 − scheduled_bursts, as its own features do.
+        let sched_keep = 1.0 - s.scheduled_bursts(t as f32 * 1e-9 - s.first_s as f32);
         let mut fpv = GroupView::default();
         if s.fp != 0 {
             let g = self.fps.get_or_insert(s.fp, t, || GroupState::new(t));
@@ -512,7 +520,7 @@ impl Model {
             }
             g.purity_sample(bucket, x);
             fpv = g.view(min);
-            g.member_sample(regularity, s.coact);
+            g.member_sample(regularity, s.coact * sched_keep);
         }
         let p = self
             .prefixes
@@ -521,7 +529,7 @@ impl Model {
         if first_slot && s.fp == 0 && p.coact_ready() {
             s.coact_sample(((others as f32 + 1.0) / (p.expected_others() + 1.0)).ln());
         }
-        p.member_sample(regularity, s.coact);
+        p.member_sample(regularity, s.coact * sched_keep);
         // Scored at most once per 1 s slot: decisions are taken once a second (tick), so scoring every request of
         // a busy source would only repeat the work; a source is scored on its first request in every slot.
         if !first_slot {
@@ -659,7 +667,7 @@ impl Model {
             }
             g.score = z;
             let pure = g.purity() >= self.cfg.fingerprint_min_purity;
-            let big = g.active_sources() >= 4.0 * self.cfg.cluster_min_sources as f32;
+            let big = g.active_sources() >= self.cfg.fingerprint_min_sources as f32;
             let max_tier = if pure && big {
                 self.cfg.fingerprint_max_action as u8
             } else {

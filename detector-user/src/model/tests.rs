@@ -484,3 +484,79 @@ fn the_rescan_after_a_flag_is_bounded_per_tick() {
     m.tick(1_003 * S, &());
     assert_eq!(m.rescan_left, 0);
 }
+
+#[test]
+fn scheduled_bursts_separate_ci_runners_from_continuous_and_slow_sources() {
+    let sched = |x: &[f32]| feature("scheduled_bursts", x);
+    // A CI runner: bursts of 30 requests 1 s apart every 5 minutes.
+    let mut ci = SourceState::new(S, 1);
+    let mut t = S;
+    for _burst in 0..3 {
+        for i in 0..30u64 {
+            ci.request(t + i * S, 1500, 0);
+        }
+        t += 300 * S;
+    }
+    let last = t - 300 * S + 29 * S;
+    let x = ci.features(last, 0, &Default::default(), &Default::default());
+    assert!(sched(&x) > 0.9, "ci runner: scheduled_bursts {}", sched(&x));
+    // Before its first idle gap it is not one yet (no rhythm seen).
+    let mut young = SourceState::new(S, 1);
+    for i in 0..30u64 {
+        young.request(S + i * S, 1500, 0);
+    }
+    let x = young.features(31 * S, 0, &Default::default(), &Default::default());
+    assert_eq!(sched(&x), 0.0);
+    // A hydra member firing every 5 s for 15 minutes: continuous, never idle.
+    let mut hydra = SourceState::new(S, 2);
+    for i in 0..180u64 {
+        hydra.request(S + i * 5 * S, 1500, 0);
+    }
+    let x = hydra.features(S + 180 * 5 * S, 0, &Default::default(), &Default::default());
+    assert_eq!(sched(&x), 0.0, "continuous source");
+    // Slow and low: Poisson at 0.02 requests/s — mostly idle, but its gaps are not dense bursts.
+    let mut rng = eval::Rng::new(11);
+    let mut slow = SourceState::new(S, 3);
+    let mut t = S as f64;
+    for _ in 0..60 {
+        t += rng.exp(50.0) * 1e9;
+        slow.request(t as u64, 1500, 0);
+    }
+    let x = slow.features(t as u64, 0, &Default::default(), &Default::default());
+    assert!(sched(&x) < 0.05, "slow and low: scheduled_bursts {}", sched(&x));
+}
+
+#[test]
+fn scheduled_bursts_discount_synchrony_but_keep_the_source_evidence() {
+    // The same templated bursts, once as a fresh source and once as a persistent scheduled one: coactivity and
+    // the cluster inheritance shrink, the source's own size and timing evidence does not.
+    let fp = features::GroupView {
+        score: 0.99,
+        top: (size_bucket(1500) as u8, size_bucket(1500) as u8),
+        sources: 40.0,
+    };
+    let mut ci = SourceState::new(S, 1);
+    let mut t = S;
+    for _ in 0..3 {
+        for i in 0..30u64 {
+            ci.request(t + i * S, 1500, 0);
+            ci.coact_sample(3.0);
+        }
+        t += 300 * S;
+    }
+    let now = t - 300 * S + 29 * S;
+    let x = ci.features(now, 0, &fp, &Default::default());
+    assert!(feature("scheduled_bursts", &x) > 0.9);
+    assert!(
+        feature("coactivity", &x) < 0.3,
+        "coactivity {}",
+        feature("coactivity", &x)
+    );
+    assert!(
+        feature("fp_cluster", &x) < 0.1,
+        "fp_cluster {}",
+        feature("fp_cluster", &x)
+    );
+    assert!(feature("template_match", &x) > 0.9);
+    assert!(feature("size_repetition", &x) > 0.9);
+}
