@@ -687,7 +687,8 @@ mod tests {
                     cargo-web\tii \t1.96.1+dfsg1-1~deb12u1\nlibstd-rust-web-dev-bpf\tii \t1.96.1+dfsg1-1~deb12u1\n\
                     iproute2\tii \t6.1\nethtool\tii \t6.1\nxdp-tools\tii \t1.3\ntcpdump\tii \t4.99\n\
                     curl\tii \t7.88\nopenssl\tii \t3.0\npython3\tii \t3.11\nnftables\tii \t1.0.6\n\
-                    nghttp2-client\tii \t1.52.0\nnghttp2-server\tii \t1.52.0\ng++\tii \t4:12.2.0-3\n";
+                    nghttp2-client\tii \t1.52.0\nnghttp2-server\tii \t1.52.0\nredis-server\tii \t5:7.0.15\n\
+                    g++\tii \t4:12.2.0-3\n";
         let mut inv = inventory(dpkg, Some("bpf-linker 0.13.0\n"));
         assert_eq!(
             inv.missing().len(),
@@ -715,6 +716,7 @@ mod tests {
         nftables\tii \t1.0.6-2+deb12u2\n\
         nghttp2-client\tii \t1.52.0-1+deb12u2\n\
         nghttp2-server\tii \t1.52.0-1+deb12u2\n\
+        redis-server\tii \t5:7.0.15-1~deb12u10\n\
         g++\tii \t4:12.2.0-3\n";
 
     #[test]
@@ -843,7 +845,7 @@ mod tests {
             format!(
                 "apt-get install -y --no-install-recommends llvm-22-dev rustc-web={v} cargo-web={v} \
                  libstd-rust-web-dev-bpf={v} iproute2 ethtool xdp-tools tcpdump curl openssl \
-                 python3 nftables nghttp2-client nghttp2-server g++",
+                 python3 nftables nghttp2-client nghttp2-server redis-server g++",
                 v = RUST_WEB_VERSION
             )
         );
