@@ -272,14 +272,7 @@ fn synthetic_hello_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
     retry.extend(chrome.records(700));
     seeds.write("synthetic-hello-retry", &Flow::encode(Some(5), &[(6, &retry)]))?;
     // TLS 1.2 without an extension block, and a truncated one.
-    let tls12 = HelloBuilder {
-        legacy_version: 0x0303,
-        record_version: 0x0301,
-        session_id: vec![],
-        ciphers: vec![0xc02f, 0xc030, 0x009c, 0x002f],
-        extensions: None,
-    }
-    .records(16384);
+    let tls12 = tls12_without_extensions().records(16384);
     seeds.write(
         "synthetic-tls12-no-extensions",
         &Flow::encode(Some(9), &[(10, &tls12)]),
@@ -775,16 +768,21 @@ fn p0f_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hello_key_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
-    let chrome = chrome_like();
-    seeds.write("chrome-like", &chrome.message())?;
-    let tls12 = HelloBuilder {
+/// A TLS 1.2 ClientHello with four ciphers and no extension block (`client_hello` and `hello_key` seeds).
+fn tls12_without_extensions() -> HelloBuilder {
+    HelloBuilder {
         legacy_version: 0x0303,
         record_version: 0x0301,
         session_id: vec![],
         ciphers: vec![0xc02f, 0xc030, 0x009c, 0x002f],
         extensions: None,
-    };
+    }
+}
+
+fn hello_key_seeds(seeds: &mut Seeds) -> anyhow::Result<()> {
+    let chrome = chrome_like();
+    seeds.write("chrome-like", &chrome.message())?;
+    let tls12 = tls12_without_extensions();
     seeds.write("tls12-no-extensions", &tls12.message())?;
     let odd_alpn = HelloBuilder {
         extensions: Some(vec![
